@@ -1,0 +1,204 @@
+"""Streaming first and second moments, merged with Chan's formula.
+
+The statistics of ``K`` groups (classes) of ``D``-dimensional vectors are kept as weighted
+sufficient statistics in float64: total weight ``n`` (K,), mean (K, D) and centered scatter
+``M2 = sum_m w_m (x_m - mean)(x_m - mean)^T`` (K, D, D). Each batch is reduced after centering
+on its own mean, then merged:
+
+``M2 = M2_a + M2_b + d d^T * n_a n_b / (n_a + n_b)``, ``d = mean_b - mean_a``,
+
+which avoids the cancellation of ``E[x x^T] - mean mean^T`` when the vectors have a large mean.
+Only the statistics are kept, never the vectors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["Moments", "StreamingMoments", "batch_moments", "merge_moments"]
+
+
+@dataclass(frozen=True)
+class Moments:
+    """Weighted moments of ``K`` groups of ``D``-dimensional vectors (float64).
+
+    Attributes
+    ----------
+    n : Tensor of shape (K,)
+        Total weight of each group (a count for 0/1 weights).
+    mean : Tensor of shape (K, D)
+        Weighted mean of each group; zero for a group of weight 0.
+    scatter : Tensor of shape (K, D, D)
+        Weighted centered scatter ``sum_m w_mk (x_m - mean_k)(x_m - mean_k)^T``.
+    """
+
+    n: Tensor
+    mean: Tensor
+    scatter: Tensor
+
+    @property
+    def dim(self) -> int:
+        """Vector dimension ``D``."""
+        return self.mean.shape[-1]
+
+    @property
+    def n_groups(self) -> int:
+        """Number of groups ``K``."""
+        return self.mean.shape[0]
+
+    def covariance(self) -> Tensor:
+        """Maximum-likelihood covariance ``scatter / n`` of each group, shape (K, D, D).
+
+        Raises
+        ------
+        ValueError
+            If a group has zero total weight.
+        """
+        empty = (self.n <= 0).nonzero().flatten().tolist()
+        if empty:
+            raise ValueError(f"groups {empty} have no samples (total weight 0); cannot form a covariance")
+        return self.scatter / self.n[:, None, None]
+
+    def pooled(self) -> Moments:
+        """Merge all groups into one: the moments of the union, shape K = 1."""
+        total = Moments(self.n[:1], self.mean[:1], self.scatter[:1])
+        for k in range(1, self.n_groups):
+            total = merge_moments(total, Moments(self.n[k : k + 1], self.mean[k : k + 1], self.scatter[k : k + 1]))
+        return total
+
+
+def batch_moments(x: Tensor, weights: Tensor | None = None) -> Moments:
+    """Moments of one batch, reduced in the dtype of ``x`` after centering, returned in float64.
+
+    Parameters
+    ----------
+    x : Tensor of shape (M, D)
+        Vectors (e.g. patch vectors of a feature map).
+    weights : Tensor of shape (M, K), optional
+        Non-negative weight of each vector in each group (one-hot labels, class probabilities).
+        ``None`` means one group with unit weights.
+
+    Returns
+    -------
+    Moments
+        With K groups (K = 1 when ``weights`` is None).
+    """
+    if weights is None:
+        x64 = x.double()
+        mean = x64.mean(0)
+        xc = (x64 - mean).to(x.dtype)  # (M, D)
+        scatter = (xc.T @ xc).double()
+        n = torch.tensor([x.shape[0]], dtype=torch.float64, device=x.device)
+        return Moments(n, mean[None], scatter[None])
+    w64 = weights.double()
+    n = w64.sum(0)  # (K,)
+    K, D = weights.shape[1], x.shape[1]
+    mean = torch.zeros(K, D, dtype=torch.float64, device=x.device)
+    scatter = torch.zeros(K, D, D, dtype=torch.float64, device=x.device)
+    for k in (n > 0).nonzero().flatten().tolist():
+        rows = weights[:, k] > 0
+        xk, wk = x[rows], w64[rows, k]  # (M_k, D), (M_k,)
+        mean[k] = (wk @ xk.double()) / n[k]
+        xc = (xk.double() - mean[k]).to(x.dtype)  # (M_k, D)
+        scatter[k] = ((xc * wk[:, None].to(x.dtype)).T @ xc).double()
+    return Moments(n, mean, scatter)
+
+
+def merge_moments(a: Moments, b: Moments) -> Moments:
+    """Merge the moments of two disjoint sets with Chan's formula (groupwise).
+
+    Parameters
+    ----------
+    a, b : Moments
+        Moments with the same K and D.
+
+    Returns
+    -------
+    Moments
+        The moments of the union. Groups empty in both stay empty (zero mean and scatter).
+    """
+    n = a.n + b.n  # (K,)
+    safe = torch.where(n > 0, n, torch.ones_like(n))
+    delta = b.mean - a.mean  # (K, D)
+    mean = a.mean + delta * (b.n / safe)[:, None]
+    coef = a.n * b.n / safe  # (K,)
+    scatter = a.scatter + b.scatter + coef[:, None, None] * delta[:, :, None] * delta[:, None, :]
+    return Moments(n, mean, scatter)
+
+
+class StreamingMoments:
+    """Accumulate the moments of ``K`` groups of vectors over a stream of batches.
+
+    Parameters
+    ----------
+    dim : int
+        Vector dimension ``D``.
+    n_groups : int, default 1
+        Number of groups ``K`` (classes).
+    reduce_dtype : torch.dtype, default torch.float64
+        Dtype in which each centered batch is reduced before the float64 merge. float32 is
+        faster on accelerators and loses about 1e-6 relative accuracy on large batches.
+
+    Examples
+    --------
+    >>> acc = StreamingMoments(3)
+    >>> for batch in torch.randn(10, 4, 3):
+    ...     acc.update(batch)
+    >>> acc.moments.n
+    tensor([40.], dtype=torch.float64)
+    """
+
+    def __init__(self, dim: int, *, n_groups: int = 1, reduce_dtype: torch.dtype = torch.float64) -> None:
+        if dim < 1:
+            raise ValueError(f"dim must be a positive integer; got {dim}")
+        if n_groups < 1:
+            raise ValueError(f"n_groups must be a positive integer; got {n_groups}")
+        self.dim = dim
+        self.n_groups = n_groups
+        self.reduce_dtype = reduce_dtype
+        self.moments: Moments | None = None
+
+    def update(self, x: Tensor, weights: Tensor | None = None) -> StreamingMoments:
+        """Add a batch.
+
+        Parameters
+        ----------
+        x : Tensor of shape (M, D)
+            Vectors to add.
+        weights : Tensor of shape (M, K), optional
+            Non-negative weight of each vector in each group; required when K > 1.
+
+        Returns
+        -------
+        StreamingMoments
+            ``self``.
+        """
+        if x.ndim != 2 or x.shape[1] != self.dim:
+            raise ValueError(f"x must be (M, D) with D={self.dim}; got {tuple(x.shape)}")
+        if not torch.isfinite(x).all():
+            raise ValueError("x contains NaN or inf values; moments would be corrupted")
+        if weights is None and self.n_groups > 1:
+            raise ValueError(f"weights of shape (M, {self.n_groups}) are required with n_groups={self.n_groups}")
+        if weights is not None:
+            if weights.shape != (x.shape[0], self.n_groups):
+                raise ValueError(f"weights must be (M, K) = ({x.shape[0]}, {self.n_groups}); got {tuple(weights.shape)}")
+            if not torch.isfinite(weights).all() or (weights < 0).any():
+                raise ValueError("weights must be finite and non-negative")
+        if x.shape[0] == 0:
+            return self
+        batch = batch_moments(x.to(self.reduce_dtype), weights)
+        self.moments = batch if self.moments is None else merge_moments(self.moments, batch)
+        return self
+
+    def merge(self, other: StreamingMoments) -> StreamingMoments:
+        """Merge another accumulator (e.g. from another data shard) into this one; returns ``self``."""
+        if (other.dim, other.n_groups) != (self.dim, self.n_groups):
+            raise ValueError(
+                f"other must have dim={self.dim}, n_groups={self.n_groups}; got dim={other.dim}, n_groups={other.n_groups}"
+            )
+        if other.moments is not None:
+            self.moments = other.moments if self.moments is None else merge_moments(self.moments, other.moments)
+        return self

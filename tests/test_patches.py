@@ -1,0 +1,76 @@
+"""Conv-based patch distances against explicit (p - mu)^T P (p - mu) on numpy-unfolded patches."""
+
+import numpy as np
+import pytest
+import torch
+
+from covguard.covariance import CovarianceConfig, quadratic_form
+from covguard.patches import output_size, patch_mahalanobis_sq, patch_vectors
+from covguard.stats import batch_moments
+
+
+def unfold_np(feats: np.ndarray, k: int, pad: int) -> np.ndarray:
+    """(N, C, H, W) -> (N, H', W', C*k*k) with explicit loops, channel-major like a conv kernel."""
+    feats = np.pad(feats, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+    N, C, H, W = feats.shape
+    out = np.empty((N, H - k + 1, W - k + 1, C * k * k))
+    for i in range(H - k + 1):
+        for j in range(W - k + 1):
+            out[:, i, j] = feats[:, :, i : i + k, j : j + k].reshape(N, -1)
+    return out
+
+
+def random_form(D: int, K: int, form: str, rank: int, seed: int, offset: float = 0.0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(K, 4 * D, D, generator=gen, dtype=torch.float64) @ torch.randn(D, D, generator=gen, dtype=torch.float64)
+    x = x + offset + torch.randn(K, 1, D, generator=gen, dtype=torch.float64)
+    moments = [batch_moments(x[k]) for k in range(K)]
+    from covguard.stats import Moments
+
+    m = Moments(torch.cat([m.n for m in moments]), torch.cat([m.mean for m in moments]), torch.cat([m.scatter for m in moments]))
+    return quadratic_form(m, CovarianceConfig(form=form, rank=rank))
+
+
+@pytest.mark.parametrize("C, H, W", [(1, 3, 3), (2, 5, 7), (4, 6, 6)])
+@pytest.mark.parametrize("padding", [0, 1])
+@pytest.mark.parametrize("form, rank", [("full", 0), ("diag", 0), ("lowrank", 4)])
+@pytest.mark.parametrize("K", [1, 3])
+def test_conv_distance_equals_explicit(C, H, W, padding, form, rank, K):
+    D = 9 * C
+    qf = random_form(D, K, form, max(rank, 1), seed=C + H)
+    feats = torch.randn(2, C, H, W, dtype=torch.float64)
+    got = patch_mahalanobis_sq(feats, qf, padding=padding).numpy()  # (N, K, H', W')
+    P = np.zeros((K, D, D))
+    if qf.proj is not None:
+        P += np.einsum("kdr,kr,ker->kde", qf.proj.numpy(), qf.gain.numpy(), qf.proj.numpy())
+    if qf.diag is not None:
+        P += np.einsum("kd,de->kde", qf.diag.numpy(), np.eye(D))
+    p = unfold_np(feats.numpy(), 3, padding)  # (N, H', W', D)
+    dev = p[:, None] - qf.mean.numpy()[None, :, None, None]  # (N, K, H', W', D)
+    ref = np.einsum("nkijd,kde,nkije->nkij", dev, P, dev)
+    assert got.shape == (2, K, output_size(H, 3, padding), output_size(W, 3, padding))
+    np.testing.assert_allclose(got, ref, rtol=1e-9, atol=1e-9)
+
+
+def test_float32_conv_distance_with_large_mean_offset():
+    """Activations with mean 1e4: float32 conv scoring stays close to the float64 reference."""
+    C = 3
+    qf = random_form(9 * C, 1, "full", 1, seed=0, offset=1e4)
+    feats = qf.mean[0].reshape(C, 3, 3)[None].repeat(4, 1, 2, 2) + torch.randn(4, C, 6, 6, dtype=torch.float64)
+    ref = patch_mahalanobis_sq(feats, qf)
+    got = patch_mahalanobis_sq(feats.float(), qf.to(torch.float32))
+    torch.testing.assert_close(got.double(), ref, rtol=1e-3, atol=1e-2)
+
+
+def test_patch_vectors_layout_matches_numpy():
+    feats = torch.randn(2, 3, 5, 4, dtype=torch.float64)
+    got = patch_vectors(feats, padding=1).numpy()
+    ref = unfold_np(feats.numpy(), 3, 1).reshape(2, -1, 27)
+    np.testing.assert_array_equal(got, ref)
+
+
+def test_lowrank_full_rank_conv_equals_full_conv():
+    qf_full = random_form(18, 2, "full", 1, seed=5)
+    qf_low = random_form(18, 2, "lowrank", 18, seed=5)
+    feats = torch.randn(3, 2, 5, 5, dtype=torch.float64)
+    torch.testing.assert_close(patch_mahalanobis_sq(feats, qf_low), patch_mahalanobis_sq(feats, qf_full), rtol=1e-10, atol=1e-10)
