@@ -1,0 +1,213 @@
+"""The detector contract: ``fit(loader)`` then ``score(x)``; larger score = more anomalous.
+
+The base class owns the plumbing every detector shares and nothing else: input validation,
+eval mode (restored afterwards), ``no_grad``, one forward pass capturing the layers a detector
+needs, progress bars over loaders. Subclasses implement the features-level hooks
+``_fit_begin`` / ``_fit_batch`` / ``_fit_end`` and ``score_features``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from covguard.features import FeatureTap, check_layers, model_device
+
+__all__ = ["Detector", "NotFittedError", "check_is_fitted", "eval_mode", "unpack_batch", "warn_nonfinite"]
+
+
+class NotFittedError(ValueError, AttributeError):
+    """Raised when a detector is used before ``fit``."""
+
+
+def check_is_fitted(detector: Detector) -> None:
+    """Raise :class:`NotFittedError` unless ``detector`` has been fitted."""
+    if not detector.is_fitted:
+        raise NotFittedError(f"{type(detector).__name__} is not fitted yet; call fit(loader) first")
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put ``model`` in eval mode for the block and restore its previous mode after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def unpack_batch(batch: Any) -> tuple[Tensor, Tensor | None]:
+    """Split a loader batch into images and optional labels.
+
+    Accepts a tensor ``x`` or a tuple/list ``(x, y, ...)``.
+    """
+    if isinstance(batch, Tensor):
+        return batch, None
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
+        y = batch[1] if len(batch) > 1 and isinstance(batch[1], Tensor) else None
+        return batch[0], y
+    raise TypeError(f"loader batches must be a Tensor x or a tuple (x, y); got {type(batch).__name__}")
+
+
+class Detector(ABC):
+    """Base class of all detectors.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Classifier mapping images (N, C, H, W) to logits (N, K). Its device is used for all
+        computation; inputs are moved there.
+    layers : sequence of str
+        Names of the modules (``model.named_modules()``) whose outputs the detector reads;
+        empty for detectors that need only the logits.
+    """
+
+    #: Whether ``score`` needs a prior ``fit``.
+    requires_fit: ClassVar[bool] = True
+
+    def __init__(self, model: nn.Module, *, layers: Iterable[str] = ()) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+        self.model = model
+        self.layers = check_layers(model, tuple(layers))
+        self.input_shape_: tuple[int, int, int] | None = None
+
+    @property
+    def is_fitted(self) -> bool:
+        return not self.requires_fit or self.input_shape_ is not None
+
+    # ---- model-level API -------------------------------------------------------------------
+
+    def fit(self, loader: Iterable, *, progress: bool = True) -> Detector:
+        """Fit on in-distribution data in one streaming pass.
+
+        Parameters
+        ----------
+        loader : iterable of Tensor (N, C, H, W) or of tuples (x, y)
+            In-distribution images in the model's input range; labels (N,) where the detector
+            needs them.
+        progress : bool
+            Show a progress bar.
+
+        Returns
+        -------
+        Detector
+            ``self``.
+        """
+        self.input_shape_ = None
+        self._fit_begin()
+        shape = None
+        for index, (x, logits, feats, y) in enumerate(self._forward_loader(loader, progress, f"fit {type(self).__name__}")):
+            shape = shape or tuple(x.shape[1:])
+            for name, f in feats.items():
+                if not torch.isfinite(f).all():
+                    raise ValueError(f"activations of layer {name!r} in batch {index} contain NaN or inf")
+            self._fit_batch(logits, feats, y)
+        if shape is None:
+            raise ValueError("loader is empty: fit needs at least one batch of in-distribution images")
+        self._fit_end()
+        self.input_shape_ = shape
+        return self
+
+    @torch.no_grad()
+    def score(self, x: Tensor) -> Tensor:
+        """Anomaly score of each image; larger = more anomalous.
+
+        Parameters
+        ----------
+        x : Tensor of shape (N, C, H, W)
+
+        Returns
+        -------
+        Tensor of shape (N,)
+        """
+        logits, feats = self.forward(x)
+        return self.score_features(logits, feats)
+
+    @torch.no_grad()
+    def score_loader(self, loader: Iterable, *, progress: bool = True) -> Tensor:
+        """Scores of every image of a loader, concatenated on the CPU; shape (total,)."""
+        check_is_fitted(self)
+        out = [self.score_features(logits, feats).cpu() for _, logits, feats, _ in self._forward_loader(loader, progress, "score")]
+        if not out:
+            raise ValueError("loader is empty: nothing to score")
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def forward(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """Validate ``x`` and run the model once: logits (N, K) and the detector's feature maps."""
+        check_is_fitted(self)
+        with eval_mode(self.model), FeatureTap(self.model, self.layers) as tap:
+            return tap(self._check_input(x))
+
+    # ---- features-level API (implemented by subclasses) ----------------------------------
+
+    @abstractmethod
+    def score_features(self, logits: Tensor, feats: dict[str, Tensor]) -> Tensor:
+        """Scores (N,) from logits (N, K) and captured feature maps {layer: (N, C, H, W)}."""
+
+    def _fit_begin(self) -> None:
+        """Reset the accumulated statistics."""
+
+    def _fit_batch(self, logits: Tensor, feats: dict[str, Tensor], y: Tensor | None) -> None:
+        """Accumulate one batch."""
+
+    def _fit_end(self) -> None:
+        """Turn the statistics into the learned state."""
+
+    # ---- plumbing ----------------------------------------------------------------------------
+
+    def _check_input(self, x: Tensor) -> Tensor:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"x must be a torch.Tensor of shape (N, C, H, W); got {type(x).__name__}")
+        if x.ndim != 4:
+            raise ValueError(f"x must be a 4-D tensor (N, C, H, W); got shape {tuple(x.shape)}")
+        dtype = next((p.dtype for p in self.model.parameters() if p.is_floating_point()), torch.float32)
+        if x.dtype != dtype:
+            raise ValueError(f"x must have the model's dtype {dtype}; got {x.dtype}")
+        if self.input_shape_ is not None and x.shape[1] != self.input_shape_[0]:
+            raise ValueError(
+                f"x must have C={self.input_shape_[0]} channels (as at fit time); got {x.shape[1]} in shape {tuple(x.shape)}"
+            )
+        return x.to(model_device(self.model))
+
+    def _forward_loader(
+        self, loader: Iterable, progress: bool, desc: str
+    ) -> Iterator[tuple[Tensor, Tensor, dict[str, Tensor], Tensor | None]]:
+        """Yield ``(x, logits, feats, y)`` for every non-empty batch of ``loader``."""
+        device = model_device(self.model)
+        total = len(loader) if hasattr(loader, "__len__") else None
+        with eval_mode(self.model), torch.no_grad(), FeatureTap(self.model, self.layers) as tap:
+            for batch in tqdm(loader, desc=desc, total=total, disable=not progress, leave=False):
+                x, y = unpack_batch(batch)
+                if x.shape[0] == 0:
+                    continue
+                x = self._check_input(x)
+                logits, feats = tap(x)
+                yield x, logits, feats, None if y is None else y.to(device)
+
+
+def warn_nonfinite(scores: Tensor, bad: Tensor) -> Tensor:
+    """Set the scores of images whose activations are not finite to +inf, with a warning.
+
+    Parameters
+    ----------
+    scores : Tensor of shape (N,)
+    bad : BoolTensor of shape (N,)
+    """
+    if bad.any():
+        warnings.warn(
+            f"{int(bad.sum())} of {bad.numel()} inputs have non-finite activations; their score is +inf",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        scores = scores.masked_fill(bad, float("inf"))
+    return scores

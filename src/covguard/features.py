@@ -1,0 +1,110 @@
+"""Capture named feature maps and logits in one forward pass.
+
+Forward hooks are registered by ``model.named_modules()`` name inside a context manager that
+removes them on exit; captured outputs are handed over and cleared after each forward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from types import TracebackType
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["FeatureTap", "check_layers", "model_device"]
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Device of the model's first parameter or buffer (CPU for a model without either)."""
+    for t in (*model.parameters(), *model.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+def check_layers(model: nn.Module, layers: Sequence[str]) -> tuple[str, ...]:
+    """Validate layer names against ``model.named_modules()``.
+
+    Raises
+    ------
+    ValueError
+        Naming the unknown layers and listing the valid names.
+    """
+    if isinstance(layers, str):
+        raise ValueError(f"layers must be a sequence of module names; got the string {layers!r} (wrap it in a list)")
+    layers = tuple(layers)
+    names = {name for name, _ in model.named_modules() if name}
+    unknown = [name for name in layers if name not in names]
+    if unknown:
+        raise ValueError(f"layers {unknown} are not modules of the model; valid names: {sorted(names)}")
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"layers must be distinct; got {list(layers)}")
+    return layers
+
+
+class FeatureTap:
+    """Context manager that runs the model and returns its logits and the named feature maps.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Classifier returning logits (N, K).
+    layers : sequence of str
+        Module names (as in ``model.named_modules()``) whose outputs to capture.
+
+    Examples
+    --------
+    >>> model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.LazyLinear(2))
+    >>> with FeatureTap(model, ["0"]) as tap:
+    ...     logits, feats = tap(torch.rand(2, 1, 5, 5))
+    >>> feats["0"].shape
+    torch.Size([2, 4, 3, 3])
+    """
+
+    def __init__(self, model: nn.Module, layers: Sequence[str]) -> None:
+        self.model = model
+        self.layers = check_layers(model, layers)
+        self._outputs: dict[str, Tensor] = {}
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def _hook(self, name: str):
+        def hook(module: nn.Module, args: tuple, output: object) -> None:
+            if not isinstance(output, Tensor):
+                raise TypeError(f"layer {name!r} returned {type(output).__name__}; a Tensor (N, C, H, W) is required")
+            self._outputs[name] = output
+
+        return hook
+
+    def __enter__(self) -> FeatureTap:
+        modules = dict(self.model.named_modules())
+        self._handles = [modules[name].register_forward_hook(self._hook(name)) for name in self.layers]
+        return self
+
+    def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._outputs = {}
+
+    def __call__(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """Run the model on ``x``.
+
+        Parameters
+        ----------
+        x : Tensor of shape (N, C, H, W)
+
+        Returns
+        -------
+        logits : Tensor of shape (N, K)
+        feats : dict of str to Tensor
+            Layer name -> its output, in the order of ``layers``.
+        """
+        if not self._handles and self.layers:
+            raise RuntimeError("FeatureTap must be used as a context manager: `with FeatureTap(model, layers) as tap:`")
+        logits = self.model(x)
+        missing = [name for name in self.layers if name not in self._outputs]
+        if missing:
+            raise RuntimeError(f"layers {missing} did not run in the forward pass; tap modules that the forward calls")
+        feats = {name: self._outputs[name] for name in self.layers}
+        self._outputs = {}
+        return logits, feats
