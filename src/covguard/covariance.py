@@ -62,6 +62,14 @@ class QuadraticForm:
 
         return QuadraticForm(conv(self.mean), conv(self.proj), conv(self.gain), conv(self.diag))
 
+    def group(self, k: int) -> QuadraticForm:
+        """The form of group ``k`` alone (K = 1)."""
+
+        def pick(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t[k : k + 1]
+
+        return QuadraticForm(self.mean[k : k + 1], pick(self.proj), pick(self.gain), pick(self.diag))
+
     def distance_sq(self, p: Tensor) -> Tensor:
         """Squared distance of plain vectors, row-wise (no convolution).
 

@@ -120,6 +120,7 @@ def test_layers_combined_by_holdout_zscores(tiny_model, images):
     hold = det.score_layers(holdout)
     z = torch.stack([(hold[k].double() - hold[k].double().mean()) / hold[k].double().std() for k in ("block1", "block2")], 1)
     torch.testing.assert_close(det.score(holdout).double(), z.sum(1), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(det.combine_layer_scores(hold), det.score(holdout))
 
 
 def test_empty_class_falls_back_to_pooled_with_warning(tiny_model, images):

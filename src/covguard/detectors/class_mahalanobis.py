@@ -109,13 +109,10 @@ class ClassMahalanobis(PatchMahalanobis):
         n[empty], mean[empty], scatter[empty] = pooled.n, pooled.mean, pooled.scatter
         return Moments(n, mean, scatter)
 
-    def _combine_groups(self, d2: Tensor, logits: Tensor) -> Tensor:
-        """(N, K, H', W') class maps -> (N, H', W') by top-1 class or probability mixture."""
+    def _group_weights(self, logits: Tensor) -> Tensor:
+        """(N, K): one-hot predicted class (``top1``) or renormalized top-``m`` probabilities."""
         if self.scoring == "top1":
-            idx = logits.argmax(1)[:, None, None, None].expand(-1, 1, *d2.shape[-2:])  # (N, 1, H', W')
-            return d2.gather(1, idx)[:, 0]
+            return F.one_hot(logits.argmax(1), logits.shape[1]).to(logits.dtype)
         probs = logits.softmax(1)  # (N, K)
         top_p, top_k = probs.topk(min(self.top_m, probs.shape[1]), dim=1)  # (N, m)
-        top_p = top_p / top_p.sum(1, keepdim=True)
-        picked = d2.gather(1, top_k[:, :, None, None].expand(-1, -1, *d2.shape[-2:]))  # (N, m, H', W')
-        return (picked * top_p[:, :, None, None]).sum(1)
+        return torch.zeros_like(probs).scatter_(1, top_k, top_p / top_p.sum(1, keepdim=True))

@@ -103,9 +103,9 @@ class PatchMahalanobis(Detector):
         """Per-image group weights (N, K), or None for one group."""
         return None
 
-    def _combine_groups(self, d2: Tensor, logits: Tensor) -> Tensor:
-        """Per-group maps (N, K, H', W') -> one map (N, H', W')."""
-        return d2[:, 0]
+    def _group_weights(self, logits: Tensor) -> Tensor | None:
+        """Weight of each group in each image's distance map, (N, K), mostly zeros; None for one group."""
+        return None
 
     def _finalize_moments(self, layer: str, moments: Moments) -> Moments:
         """Hook to repair groups before estimation (e.g. empty classes)."""
@@ -206,10 +206,22 @@ class PatchMahalanobis(Detector):
     def _maps(self, logits: Tensor, feats: dict[str, Tensor]) -> dict[str, Tensor]:
         forms = self._forms(logits.dtype, logits.device)
         maps = {}
+        weights = self._group_weights(logits)  # (N, K) or None
         for layer, f in feats.items():
             self._check_map(layer, f)
-            d2 = patch_mahalanobis_sq(f, forms[layer], kernel_size=self.kernel_size[layer], padding=self.padding[layer])
-            maps[layer] = self._combine_groups(d2, logits)  # (N, H', W')
+            geometry = {"kernel_size": self.kernel_size[layer], "padding": self.padding[layer]}
+            if weights is None:
+                maps[layer] = patch_mahalanobis_sq(f, forms[layer], **geometry)[:, 0]  # (N, H', W')
+                continue
+            # Score each image only against the groups it weights: K times less work for top-1.
+            out = None
+            for k in (weights > 0).any(0).nonzero().flatten().tolist():
+                rows = (weights[:, k] > 0).nonzero().flatten()
+                d2 = patch_mahalanobis_sq(f[rows], forms[layer].group(k), **geometry)[:, 0]  # (n_k, H', W')
+                if out is None:
+                    out = torch.zeros(f.shape[0], *d2.shape[1:], dtype=d2.dtype, device=d2.device)
+                out.index_add_(0, rows, d2 * weights[rows, k, None, None])
+            maps[layer] = out
         return maps
 
     def _layer_scores(self, logits: Tensor, feats: dict[str, Tensor]) -> Tensor:
@@ -224,10 +236,18 @@ class PatchMahalanobis(Detector):
     def score_features(self, logits: Tensor, feats: dict[str, Tensor]) -> Tensor:
         """Combined score (N,): sum over layers of z-scored layer scores (raw score for one layer)."""
         check_is_fitted(self)
-        scores = self._layer_scores(logits, feats)  # (N, n_layers)
+        return self._combine(self._layer_scores(logits, feats))
+
+    def _combine(self, scores: Tensor) -> Tensor:
+        """(N, n_layers) layer scores -> (N,) sum of z-scores; +inf (warned) where not finite."""
         mean, std = self.score_mean_.to(scores), self.score_std_.to(scores)
         combined = ((scores - mean) / std).sum(1) if len(self.layers) > 1 else scores[:, 0]
         return warn_nonfinite(combined, ~torch.isfinite(combined))
+
+    def combine_layer_scores(self, layer_scores: Mapping[str, Tensor]) -> Tensor:
+        """The combined score (N,) from the output of :meth:`score_layers`, without a second forward."""
+        check_is_fitted(self)
+        return self._combine(torch.stack([layer_scores[layer] for layer in self.layers], dim=1))
 
     @torch.no_grad()
     def score_layers(self, x: Tensor) -> dict[str, Tensor]:
