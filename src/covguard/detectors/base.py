@@ -132,11 +132,12 @@ class Detector(ABC):
         logits, feats = self.forward(x)
         return self.score_features(logits, feats)
 
-    @torch.no_grad()
     def score_loader(self, loader: Iterable, *, progress: bool = True) -> Tensor:
-        """Scores of every image of a loader, concatenated on the CPU; shape (total,)."""
+        """Scores of every image of a loader (through :meth:`score`), on the CPU; shape (total,)."""
         check_is_fitted(self)
-        out = [self.score_features(logits, feats).cpu() for _, logits, feats, _ in self._forward_loader(loader, progress, "score")]
+        total = len(loader) if hasattr(loader, "__len__") else None
+        batches = (unpack_batch(b)[0] for b in tqdm(loader, desc=f"score {type(self).__name__}", total=total, disable=not progress, leave=False))
+        out = [self.score(x).cpu() for x in batches if x.shape[0] > 0]
         if not out:
             raise ValueError("loader is empty: nothing to score")
         return torch.cat(out)

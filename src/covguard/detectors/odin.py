@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
-from covguard.detectors.base import Detector, eval_mode, unpack_batch, warn_nonfinite
+from covguard.detectors.base import Detector, eval_mode, warn_nonfinite
 
 __all__ = ["ODIN", "odin_perturb"]
 
@@ -118,18 +116,6 @@ class ODIN(Detector):
             with torch.no_grad():
                 logits = self.model(x_tilde)  # (N, K)
         return self.score_features(logits, {})
-
-    def score_loader(self, loader: Iterable, *, progress: bool = True) -> Tensor:
-        """Scores of every image of a loader (perturbing each batch), on the CPU; shape (total,)."""
-        total = len(loader) if hasattr(loader, "__len__") else None
-        out = [
-            self.score(x).cpu()
-            for x, _ in (unpack_batch(b) for b in tqdm(loader, desc="score ODIN", total=total, disable=not progress, leave=False))
-            if x.shape[0] > 0
-        ]
-        if not out:
-            raise ValueError("loader is empty: nothing to score")
-        return torch.cat(out)
 
     def score_features(self, logits: Tensor, feats: dict[str, Tensor]) -> Tensor:
         """Scores (N,) from the logits (N, K) of the perturbed images; ``feats`` is unused."""
