@@ -6,7 +6,9 @@ Examples
 >>> det = cg.ClassMahalanobis(model, layers=["layer1", "layer2"])   # doctest: +SKIP
 >>> det.fit(train_loader)                                           # doctest: +SKIP
 >>> scores = det.score(x)                # (N,), larger = more anomalous  # doctest: +SKIP
->>> cg.save(det, "guard.safetensors"); det = cg.load("guard.safetensors", model)  # doctest: +SKIP
+>>> cg.save(det, "det.safetensors"); det = cg.load("det.safetensors", model)  # doctest: +SKIP
+>>> guard = cg.Guard(model, det).calibrate(val_loader, tpr=0.95)   # doctest: +SKIP
+>>> guard(x).flagged                     # (N,) bool: do not trust these predictions  # doctest: +SKIP
 """
 
 from importlib.metadata import PackageNotFoundError, version
@@ -18,6 +20,7 @@ except PackageNotFoundError:  # running from a source tree that was not installe
 
 from covguard.detectors import DETECTORS, ClassMahalanobis, Detector, NotFittedError, SimpleMahalanobis  # noqa: E402
 from covguard.features import FeatureTap  # noqa: E402
+from covguard.guard import Guard, GuardResult, load_guard  # noqa: E402
 from covguard.persistence import load, save  # noqa: E402
 
 __all__ = [
@@ -26,8 +29,11 @@ __all__ = [
     "ClassMahalanobis",
     "Detector",
     "FeatureTap",
+    "Guard",
+    "GuardResult",
     "NotFittedError",
     "SimpleMahalanobis",
     "load",
+    "load_guard",
     "save",
 ]

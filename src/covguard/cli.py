@@ -1,12 +1,15 @@
-"""Command-line interface: ``covguard demo`` (more commands join as benchmarks land)."""
+"""Command-line interface: ``covguard demo``, ``covguard score`` (more commands join as benchmarks land)."""
 
 from __future__ import annotations
 
 import argparse
+import csv
+import json
 import logging
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 __all__ = ["main"]
 
@@ -29,6 +32,86 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_args(pairs: Sequence[str]) -> dict[str, object]:
+    """``["num_classes=10", "width=8"]`` -> ``{"num_classes": 10, "width": 8}`` (values parsed as JSON, else strings)."""
+    out: dict[str, object] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--model-arg must be KEY=VALUE; got {pair!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def _score(args: argparse.Namespace) -> int:
+    """Run ``covguard score``; input and model errors are reported on stderr with exit status 2."""
+    try:
+        return _score_images(args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"covguard score: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _score_images(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm.auto import tqdm
+
+    from covguard.guard import decode_image, iter_images, load_guard
+    from covguard.models import MODELS, load_checkpoint
+
+    if args.model not in MODELS:
+        raise ValueError(f"--model must be one of {sorted(MODELS)}; got {args.model!r}")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1; got {args.batch_size}")
+    model = load_checkpoint(MODELS[args.model](**_model_args(args.model_arg)), args.weights).to(args.device).eval()
+    guard = load_guard(args.detector, model, strict_model=not args.no_strict_model)
+    channels, height, width = guard.detector.input_shape_
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    total, images = iter_images(args.images)
+    if total == 0:
+        raise ValueError(f"--images {args.images!r} holds no image files (suffixes: .png, .jpg, ...)")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    counts = {"scored": 0, "flagged": 0, "failed": 0}
+
+    def flush(writer: csv.writer, names: list[str], xs: list[torch.Tensor]) -> None:
+        if not names:
+            return
+        result = guard(torch.stack(xs).to(dtype))  # (n, C, H, W)
+        for name, s, f, p in zip(names, result.scores.tolist(), result.flagged.tolist(), result.predictions.tolist()):
+            writer.writerow([name, repr(float(s)), f, p, ""])
+        counts["scored"] += len(names)
+        counts["flagged"] += int(result.flagged.sum())
+        names.clear()
+        xs.clear()
+
+    with out.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "score", "flagged", "predicted_class", "error"])
+        names: list[str] = []
+        xs: list[torch.Tensor] = []
+        for name, data in tqdm(images, total=total, desc="score", unit="img", disable=args.no_progress):
+            try:
+                xs.append(decode_image(data, channels=channels, size=(height, width)))
+            except ValueError as err:
+                writer.writerow([name, "", True, "", str(err)])
+                counts["failed"] += 1
+                continue
+            names.append(name)
+            if len(names) == args.batch_size:
+                flush(writer, names, xs)
+        flush(writer, names, xs)
+    threshold = guard.threshold_
+    print(
+        f"scored {counts['scored']} images ({counts['failed']} could not be decoded): {counts['flagged']} flagged "
+        f"above threshold {threshold:.6g} (calibrated for TPR {guard.calibration_.tpr:.2f}); wrote {out}"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="covguard", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
@@ -42,6 +125,29 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--max-test", type=int, default=None, help="cap on test images (quick runs)")
     demo.add_argument("--no-progress", action="store_true", help="hide progress bars")
     demo.set_defaults(func=_demo)
+    score = sub.add_parser(
+        "score",
+        help="score image files with a calibrated guard; write per-image score, flag and predicted class (CSV)",
+        description=(
+            "Score a folder (recursive), a tar archive or one image file. Each image is decoded with PIL, converted "
+            "to the model's input channels (L for 1 channel, RGB for 3), resized to the detector's fitted input size "
+            "with bilinear interpolation (no crop) and scaled to [0, 1]. Files that cannot be decoded get a row with "
+            "flagged=True and the error."
+        ),
+    )
+    score.add_argument("--detector", required=True, help="guard file written by Guard.save (safetensors)")
+    score.add_argument("--model", required=True, help="model name in covguard.models.MODELS")
+    score.add_argument("--weights", required=True, help="checkpoint of the model (.pt, .pth, .th, .safetensors)")
+    score.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
+                       help="keyword argument of the model constructor, repeatable (e.g. num_classes=100)")
+    score.add_argument("--images", required=True, help="folder, tar archive or image file")
+    score.add_argument("--out", required=True, help="CSV to write: path, score, flagged, predicted_class, error")
+    score.add_argument("--batch-size", type=int, default=64)
+    score.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    score.add_argument("--no-strict-model", action="store_true",
+                       help="accept a model whose parameters differ from the fitted ones (warns)")
+    score.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    score.set_defaults(func=_score)
     return parser
 
 

@@ -9,6 +9,10 @@ on its own mean, then merged:
 
 which avoids the cancellation of ``E[x x^T] - mean mean^T`` when the vectors have a large mean.
 Only the statistics are kept, never the vectors.
+
+Across processes (:func:`all_reduce_moments`) the same merge runs as three sums: ``n``,
+``n * mean`` (giving the global mean ``g``) and each process's scatter shifted to ``g``,
+``M2 + n (mean - g)(mean - g)^T``; the sum of the shifted scatters is the scatter of the union.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["Moments", "StreamingMoments", "batch_moments", "merge_moments"]
+__all__ = ["Moments", "StreamingMoments", "all_reduce_moments", "batch_moments", "merge_moments", "zero_moments"]
 
 
 @dataclass(frozen=True)
@@ -129,6 +133,57 @@ def merge_moments(a: Moments, b: Moments) -> Moments:
     return Moments(n, mean, scatter)
 
 
+def zero_moments(dim: int, n_groups: int = 1, *, device: torch.device | str | None = None) -> Moments:
+    """The moments of an empty set: ``K`` groups of weight 0, zero mean and scatter (float64)."""
+    return Moments(
+        torch.zeros(n_groups, dtype=torch.float64, device=device),
+        torch.zeros(n_groups, dim, dtype=torch.float64, device=device),
+        torch.zeros(n_groups, dim, dim, dtype=torch.float64, device=device),
+    )
+
+
+def all_reduce_moments(moments: Moments, *, group: object | None = None) -> Moments:
+    """Merge the moments held by every process of a ``torch.distributed`` group (Chan, generalized).
+
+    Every process calls this with the moments of its own shard (:func:`zero_moments` for an
+    empty shard) and receives the moments of the union. Three float64 sums:
+
+    ``n = sum_r n_r``, ``g = sum_r n_r mean_r / n``, ``M2 = sum_r [M2_r + n_r (mean_r - g)(mean_r - g)^T]``.
+
+    Parameters
+    ----------
+    moments : Moments
+        This process's moments, K groups of dimension D (same K, D on every process), on a device
+        the process group's backend supports (CPU for ``gloo``, CUDA for ``nccl``).
+    group : ProcessGroup, optional
+        Defaults to the world.
+
+    Returns
+    -------
+    Moments
+        The same on every process. Groups empty everywhere stay empty (zero mean and scatter).
+
+    Raises
+    ------
+    RuntimeError
+        If ``torch.distributed`` is not initialized.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("all_reduce_moments needs an initialized torch.distributed process group (init_process_group)")
+    n_local, mean_local, scatter_local = moments.n.double(), moments.mean.double(), moments.scatter.double()
+    n = n_local.clone()  # (K,)
+    dist.all_reduce(n, group=group)
+    total = mean_local * n_local[:, None]  # (K, D)
+    dist.all_reduce(total, group=group)
+    mean = total / torch.where(n > 0, n, torch.ones_like(n))[:, None]  # (K, D)
+    delta = mean_local - mean  # (K, D)
+    scatter = scatter_local + n_local[:, None, None] * delta[:, :, None] * delta[:, None, :]  # (K, D, D)
+    dist.all_reduce(scatter, group=group)
+    return Moments(n, mean, scatter)
+
+
 class StreamingMoments:
     """Accumulate the moments of ``K`` groups of vectors over a stream of batches.
 
@@ -201,4 +256,15 @@ class StreamingMoments:
             )
         if other.moments is not None:
             self.moments = other.moments if self.moments is None else merge_moments(self.moments, other.moments)
+        return self
+
+    def all_reduce(self, *, group: object | None = None, device: torch.device | str | None = None) -> StreamingMoments:
+        """Replace this process's moments by those of every process's data (:func:`all_reduce_moments`).
+
+        Every process of ``group`` must call it; a process that saw no data takes part with
+        zero weight. ``device`` places the zero moments of such a process (default CPU).
+        Returns ``self``.
+        """
+        local = self.moments if self.moments is not None else zero_moments(self.dim, self.n_groups, device=device)
+        self.moments = all_reduce_moments(local, group=group)
         return self

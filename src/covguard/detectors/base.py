@@ -9,6 +9,7 @@ needs, progress bars over loaders. Subclasses implement the features-level hooks
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
@@ -20,7 +21,17 @@ from tqdm.auto import tqdm
 
 from covguard.features import FeatureTap, check_layers, model_device
 
-__all__ = ["Detector", "NotFittedError", "check_is_fitted", "eval_mode", "unpack_batch", "warn_nonfinite"]
+__all__ = [
+    "Detector",
+    "NotFittedError",
+    "check_is_fitted",
+    "eval_mode",
+    "parameter_sha256",
+    "sync_shards",
+    "unpack_batch",
+    "use_distributed",
+    "warn_nonfinite",
+]
 
 
 class NotFittedError(ValueError, AttributeError):
@@ -57,6 +68,82 @@ def unpack_batch(batch: Any) -> tuple[Tensor, Tensor | None]:
     raise TypeError(f"loader batches must be a Tensor x or a tuple (x, y); got {type(batch).__name__}")
 
 
+def parameter_sha256(model: nn.Module) -> str:
+    """SHA-256 (hex) of the model's state dict: every tensor's key, dtype, shape and bytes, in key order.
+
+    Identifies the exact weights a detector was fitted on (parameters and persistent buffers
+    such as BatchNorm running statistics); any fine-tuning step changes it.
+    """
+    digest = hashlib.sha256()
+    for key, tensor in model.state_dict().items():
+        t = tensor.detach().to("cpu").contiguous().reshape(-1)  # (numel,)
+        digest.update(f"{key}|{t.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def use_distributed(distributed: bool | None) -> bool:
+    """Resolve a ``distributed=`` argument: None means "when torch.distributed is initialized".
+
+    Raises
+    ------
+    ValueError
+        If ``distributed=True`` and no process group is initialized.
+    """
+    import torch.distributed as dist
+
+    initialized = dist.is_available() and dist.is_initialized()
+    if distributed is None:
+        return initialized
+    if distributed and not initialized:
+        raise ValueError(
+            "distributed=True needs an initialized torch.distributed process group: call "
+            "torch.distributed.init_process_group first (torchrun sets the environment it reads)"
+        )
+    return bool(distributed)
+
+
+def sync_shards(
+    error: BaseException | None, shape: tuple[int, ...] | None, device: torch.device
+) -> list[tuple[int, ...] | None]:
+    """Exchange, across the process group, whether each rank's local pass failed and what it saw.
+
+    Every rank calls this after a local pass, error or not, so that no rank is left waiting in
+    a later collective. If any rank failed, every rank raises: the failed ranks their own error,
+    the others a RuntimeError naming the failed ranks.
+
+    Parameters
+    ----------
+    error : BaseException or None
+        What this rank's local pass raised.
+    shape : tuple of int or None
+        The input shape (C, H, W) this rank saw; None for an empty shard.
+    device : torch.device
+        Where the exchanged tensor lives (the model's device: CUDA for ``nccl``).
+
+    Returns
+    -------
+    list of (tuple of int or None)
+        The shape each rank saw, indexed by rank.
+    """
+    import torch.distributed as dist
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    table = torch.zeros(world, 5, dtype=torch.int64, device=device)  # (ranks, [failed, seen, C, H, W])
+    table[rank, 0] = int(error is not None)
+    if shape is not None:
+        table[rank, 1] = 1
+        table[rank, 2:] = torch.tensor(shape, dtype=torch.int64)
+    dist.all_reduce(table)
+    table = table.cpu()
+    failed = table[:, 0].nonzero().flatten().tolist()
+    if error is not None:
+        raise error
+    if failed:
+        raise RuntimeError(f"fit failed on rank(s) {failed} of {world}; see the error raised there")
+    return [tuple(row[2:].tolist()) if row[1] else None for row in table]
+
+
 class Detector(ABC):
     """Base class of all detectors.
 
@@ -72,6 +159,9 @@ class Detector(ABC):
 
     #: Whether ``score`` needs a prior ``fit``.
     requires_fit: ClassVar[bool] = True
+    #: Whether ``fit`` can all-reduce its statistics across processes (``_fit_prepare`` and
+    #: ``_fit_reduce`` implemented).
+    supports_distributed: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module, *, layers: Iterable[str] = ()) -> None:
         if not isinstance(model, nn.Module):
@@ -86,31 +176,70 @@ class Detector(ABC):
 
     # ---- model-level API -------------------------------------------------------------------
 
-    def fit(self, loader: Iterable, *, progress: bool = True) -> Detector:
+    def fit(self, loader: Iterable, *, progress: bool = True, distributed: bool | None = None) -> Detector:
         """Fit on in-distribution data in one streaming pass.
 
         Parameters
         ----------
         loader : iterable of Tensor (N, C, H, W) or of tuples (x, y)
             In-distribution images in the model's input range; labels (N,) where the detector
-            needs them.
+            needs them. With ``distributed``, this process's shard of the data.
         progress : bool
             Show a progress bar.
+        distributed : bool, optional
+            All-reduce the statistics of every process's shard (``torch.distributed``), so that
+            every rank ends with the detector of the union of the shards. Default: when a
+            process group is initialized and the detector supports it; then every rank of the
+            group must call ``fit`` (pass ``False`` to fit on this process's data alone).
 
         Returns
         -------
         Detector
             ``self``.
+
+        Raises
+        ------
+        ValueError
+            Empty loader (on every rank); activations that are not finite (naming the layer and
+            the batch); ``distributed=True`` without a process group or for a detector that
+            cannot merge its statistics; ranks that fed different input shapes.
         """
+        if distributed and not self.supports_distributed:
+            raise ValueError(f"{type(self).__name__} cannot fit distributed; fit it on one process (distributed=False)")
+        distributed = self.supports_distributed and use_distributed(distributed)
         self.input_shape_ = None
         self._fit_begin()
-        shape = None
-        for index, (x, logits, feats, y) in enumerate(self._forward_loader(loader, progress, f"fit {type(self).__name__}")):
-            shape = shape or tuple(x.shape[1:])
-            for name, f in feats.items():
-                if not torch.isfinite(f).all():
-                    raise ValueError(f"activations of layer {name!r} in batch {index} contain NaN or inf")
-            self._fit_batch(logits, feats, y)
+        shape, error = None, None
+        rank = ""
+        if distributed:
+            import torch.distributed as dist
+
+            rank = f" on rank {dist.get_rank()}"
+        try:
+            batches = self._forward_loader(loader, progress, f"fit {type(self).__name__}")
+            for index, (x, logits, feats, y) in enumerate(batches):
+                shape = shape or tuple(x.shape[1:])
+                for name, f in feats.items():
+                    if not torch.isfinite(f).all():
+                        raise ValueError(f"activations of layer {name!r} in batch {index}{rank} contain NaN or inf")
+                self._fit_batch(logits, feats, y)
+        except Exception as err:
+            if not distributed:
+                raise
+            error = err
+        if distributed:
+            shapes = sync_shards(error, shape, model_device(self.model))
+            seen = sorted({s for s in shapes if s is not None})
+            if not seen:
+                raise ValueError("loader is empty on every rank: fit needs at least one batch of in-distribution images")
+            if len(seen) > 1:
+                raise ValueError(f"every rank must feed images of one shape (C, H, W); ranks saw {shapes}")
+            if shape is None:  # empty shard: set up zero statistics of the right sizes
+                with eval_mode(self.model), torch.no_grad(), FeatureTap(self.model, self.layers) as tap:
+                    x = torch.zeros(1, *seen[0], dtype=self._model_dtype(), device=model_device(self.model))
+                    self._fit_prepare(*tap(x))
+                shape = seen[0]
+            self._fit_reduce()
         if shape is None:
             raise ValueError("loader is empty: fit needs at least one batch of in-distribution images")
         self._fit_end()
@@ -149,6 +278,29 @@ class Detector(ABC):
         with eval_mode(self.model), FeatureTap(self.model, self.layers) as tap:
             return tap(self._check_input(x))
 
+    @torch.no_grad()
+    def logits_and_scores(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """The model's logits and the detector's scores, from one forward pass where possible.
+
+        Detectors that override :meth:`score` (ODIN perturbs its input first) are scored by
+        their own ``score(x)`` after a plain forward for the logits.
+
+        Parameters
+        ----------
+        x : Tensor of shape (N, C, H, W)
+
+        Returns
+        -------
+        logits : Tensor of shape (N, K)
+        scores : Tensor of shape (N,)
+            Larger = more anomalous.
+        """
+        if type(self).score is not Detector.score:
+            logits, _ = self.forward(x)
+            return logits, self.score(x)
+        logits, feats = self.forward(x)
+        return logits, self.score_features(logits, feats)
+
     # ---- features-level API (implemented by subclasses) ----------------------------------
 
     @abstractmethod
@@ -164,14 +316,25 @@ class Detector(ABC):
     def _fit_end(self) -> None:
         """Turn the statistics into the learned state."""
 
+    def _fit_prepare(self, logits: Tensor, feats: dict[str, Tensor]) -> None:
+        """Set up empty statistics sized for these outputs (a rank with an empty shard)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot fit distributed")
+
+    def _fit_reduce(self) -> None:
+        """All-reduce the accumulated statistics across the process group."""
+        raise NotImplementedError(f"{type(self).__name__} cannot fit distributed")
+
     # ---- plumbing ----------------------------------------------------------------------------
+
+    def _model_dtype(self) -> torch.dtype:
+        return next((p.dtype for p in self.model.parameters() if p.is_floating_point()), torch.float32)
 
     def _check_input(self, x: Tensor) -> Tensor:
         if not isinstance(x, Tensor):
             raise TypeError(f"x must be a torch.Tensor of shape (N, C, H, W); got {type(x).__name__}")
         if x.ndim != 4:
             raise ValueError(f"x must be a 4-D tensor (N, C, H, W); got shape {tuple(x.shape)}")
-        dtype = next((p.dtype for p in self.model.parameters() if p.is_floating_point()), torch.float32)
+        dtype = self._model_dtype()
         if x.dtype != dtype:
             raise ValueError(f"x must have the model's dtype {dtype}; got {x.dtype}")
         if self.input_shape_ is not None and x.shape[1] != self.input_shape_[0]:

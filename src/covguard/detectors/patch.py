@@ -4,21 +4,30 @@ Per tapped layer: stream the moments of every ``k x k`` patch vector (``D = C k^
 into a :class:`~covguard.covariance.QuadraticForm`, score every patch with a convolution,
 aggregate the ``(N, H', W')`` map per image, and combine layers by summing scores standardized
 (z-scores) on held-out in-distribution data.
+
+Numerics at scoring time: distances are computed in the model's dtype, except for a layer whose
+precision form does not fit that dtype (e.g. activations near 1e30 give precisions near 1e-60,
+which float32 flushes to zero): that layer is scored in float64. Images whose distances still
+overflow are recomputed in float64. Scores are returned in the model's dtype and saturate at its
+largest finite value, so finite activations always give a finite score; non-finite activations
+give +inf with a warning.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from covguard.covariance import CovarianceConfig, QuadraticForm, quadratic_form
-from covguard.detectors.base import Detector, check_is_fitted, warn_nonfinite
-from covguard.patches import patch_mahalanobis_sq, patch_vectors
-from covguard.stats import Moments, StreamingMoments
+from covguard.detectors.base import Detector, check_is_fitted, parameter_sha256, sync_shards, use_distributed, warn_nonfinite
+from covguard.features import model_device
+from covguard.patches import output_size, patch_mahalanobis_sq, patch_vectors
+from covguard.stats import Moments, StreamingMoments, all_reduce_moments, batch_moments, zero_moments
 
 __all__ = ["PatchMahalanobis", "AGGREGATES"]
 
@@ -62,7 +71,15 @@ class PatchMahalanobis(Detector):
         Zero padding of each map before patch extraction.
     aggregate : {"mean", "max"}
         How the per-patch map becomes one score per image and layer.
+
+    Notes
+    -----
+    A group (the one group, or a class) whose fit patches have zero variance in every
+    coordinate (constant features, one patch) has no Mahalanobis distance: it is an error for
+    a single group; a class in that state uses the pooled covariance of all classes (warned).
     """
+
+    supports_distributed: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -90,6 +107,7 @@ class PatchMahalanobis(Detector):
         self.channels_: dict[str, int] = {}
         self.score_mean_: Tensor | None = None
         self.score_std_: Tensor | None = None
+        self.model_sha256_: str | None = None
         self._accumulators: dict[str, StreamingMoments] = {}
         self._cache: dict[tuple, dict[str, QuadraticForm]] = {}
 
@@ -126,7 +144,9 @@ class PatchMahalanobis(Detector):
 
     # ---- fitting ------------------------------------------------------------------------------
 
-    def fit(self, loader: Iterable, *, holdout: Iterable | None = None, progress: bool = True) -> PatchMahalanobis:
+    def fit(
+        self, loader: Iterable, *, holdout: Iterable | None = None, progress: bool = True, distributed: bool | None = None
+    ) -> PatchMahalanobis:
         """Fit the per-layer statistics in one streaming pass, then standardize layer scores.
 
         Parameters
@@ -139,49 +159,135 @@ class PatchMahalanobis(Detector):
             second time for this (distances of training images are slightly optimistic).
         progress : bool
             Show progress bars.
+        distributed : bool, optional
+            Each process passes its own shard of ``loader`` (and ``holdout``); the moments and
+            the layer standardization are all-reduced, so every rank ends with the detector of
+            all the data. Default: when ``torch.distributed`` is initialized. See
+            :meth:`Detector.fit`.
 
         Returns
         -------
         PatchMahalanobis
             ``self``.
         """
-        super().fit(loader, progress=progress)
+        super().fit(loader, progress=progress, distributed=distributed)
         if len(self.layers) == 1:
             self.score_mean_, self.score_std_ = torch.zeros(1, dtype=torch.float64), torch.ones(1, dtype=torch.float64)
             return self
-        per_layer = torch.cat(
-            [
-                self._layer_scores(logits, feats).cpu()
-                for _, logits, feats, _ in self._forward_loader(holdout if holdout is not None else loader, progress, "standardize")
-            ]
-        ).double()  # (N, n_layers)
-        if per_layer.shape[0] < 2:
-            raise ValueError(f"holdout must hold at least 2 images to standardize layer scores; got {per_layer.shape[0]}")
-        self.score_mean_ = per_layer.mean(0)
-        self.score_std_ = per_layer.std(0).clamp_min(1e-12)
+        distributed = use_distributed(distributed)
+        per_layer, error = torch.zeros(0, len(self.layers), dtype=torch.float64), None
+        try:
+            batches = self._forward_loader(holdout if holdout is not None else loader, progress, "standardize")
+            rows = [self._layer_scores(logits, feats).cpu() for _, logits, feats, _ in batches]
+            if rows:
+                per_layer = torch.cat(rows).double()  # (N, n_layers)
+            self._check_layer_scores(per_layer)
+        except Exception as err:
+            if not distributed:
+                raise
+            error = err
+        if not distributed:
+            self.set_standardization(per_layer)
+            return self
+        device = model_device(self.model)
+        sync_shards(error, None, device)
+        local = batch_moments(per_layer.to(device)) if len(per_layer) else zero_moments(len(self.layers), device=device)
+        self._standardize_from(all_reduce_moments(local))
         return self
+
+    def set_standardization(self, layer_scores: Tensor) -> None:
+        """Standardize each layer's score with its mean and std over held-out in-distribution images.
+
+        Parameters
+        ----------
+        layer_scores : Tensor of shape (N, n_layers)
+            Unstandardized layer scores (as :meth:`score_layers` returns them, stacked in the
+            order of ``layers``) of N >= 2 held-out in-distribution images.
+        """
+        if not isinstance(layer_scores, Tensor) or layer_scores.ndim != 2 or layer_scores.shape[1] != len(self.layers):
+            got = tuple(layer_scores.shape) if isinstance(layer_scores, Tensor) else type(layer_scores).__name__
+            raise ValueError(f"layer_scores must be (N, n_layers) with n_layers={len(self.layers)}; got {got}")
+        self._check_layer_scores(layer_scores)
+        scores = layer_scores.double().cpu()
+        self._standardize_from(batch_moments(scores) if len(scores) else zero_moments(len(self.layers)))
+
+    @staticmethod
+    def _check_layer_scores(layer_scores: Tensor) -> None:
+        bad = (~torch.isfinite(layer_scores).all(1)).nonzero().flatten().tolist()
+        if bad:
+            raise ValueError(
+                f"{len(bad)} holdout images (positions {bad[:10]}) have non-finite activations; "
+                "standardizing layer scores needs finite in-distribution images"
+            )
+
+    def _standardize_from(self, moments: Moments) -> None:
+        """Set ``score_mean_`` and ``score_std_`` (unbiased) from the moments of the layer scores."""
+        n = int(moments.n[0].item())
+        if n < 2:
+            raise ValueError(f"holdout must hold at least 2 images to standardize layer scores; got {n}")
+        var = torch.diagonal(moments.scatter[0]) / (n - 1)  # (n_layers,)
+        self.score_mean_ = moments.mean[0].cpu()
+        self.score_std_ = var.sqrt().clamp_min(1e-12).cpu()
 
     def _fit_begin(self) -> None:
         self._accumulators = {}
         self.forms_, self.channels_, self._cache = {}, {}, {}
         self.score_mean_ = self.score_std_ = None
+        self.model_sha256_ = None
+
+    def _fit_prepare(self, logits: Tensor, feats: dict[str, Tensor]) -> None:
+        for layer, f in feats.items():
+            self._check_map(layer, f)
+            if layer not in self._accumulators:
+                self.channels_[layer] = f.shape[1]
+                D = f.shape[1] * self.kernel_size[layer] ** 2
+                self._accumulators[layer] = StreamingMoments(D, n_groups=self._n_groups(logits))
 
     def _fit_batch(self, logits: Tensor, feats: dict[str, Tensor], y: Tensor | None) -> None:
         weights = self._weights(logits, y)  # (N, K) or None
+        self._fit_prepare(logits, feats)
         for layer, f in feats.items():
-            self._check_map(layer, f)
             p = patch_vectors(f, kernel_size=self.kernel_size[layer], padding=self.padding[layer])  # (N, L, D)
-            if layer not in self._accumulators:
-                self.channels_[layer] = f.shape[1]
-                self._accumulators[layer] = StreamingMoments(p.shape[-1], n_groups=self._n_groups(logits))
             w = None if weights is None else weights.repeat_interleave(p.shape[1], dim=0)  # (N L, K)
             self._accumulators[layer].update(p.reshape(-1, p.shape[-1]), w)  # (N L, D)
 
+    def _fit_reduce(self) -> None:
+        device = model_device(self.model)
+        for acc in self._accumulators.values():
+            acc.all_reduce(device=device)
+
     def _fit_end(self) -> None:
         for layer, acc in self._accumulators.items():
-            moments = self._finalize_moments(layer, acc.moments)
-            self.forms_[layer] = quadratic_form(moments, self.config).to(device="cpu")
+            moments = self._repair_degenerate(layer, self._finalize_moments(layer, acc.moments))
+            form = quadratic_form(moments, self.config).to(device="cpu")
+            # Contiguous, as a loaded file gives them: the same memory layout gives bit-identical scores.
+            fields = (form.mean, form.proj, form.gain, form.diag)
+            self.forms_[layer] = QuadraticForm(*(None if t is None else t.contiguous() for t in fields))
         self._accumulators = {}
+        self.model_sha256_ = parameter_sha256(self.model)
+
+    def _repair_degenerate(self, layer: str, moments: Moments) -> Moments:
+        """Give groups with zero variance in every coordinate the pooled covariance (or raise if all are)."""
+        trace = torch.diagonal(moments.scatter, dim1=-2, dim2=-1).sum(-1)  # (K,)
+        flat = (trace <= 0).nonzero().flatten()
+        if len(flat) == 0:
+            return moments
+        if len(flat) == moments.n_groups:
+            raise ValueError(
+                f"the fit patches of layer {layer!r} have zero variance in every coordinate (constant activations, "
+                "or a single patch); a Mahalanobis distance is undefined: fit on more varied images or tap another layer"
+            )
+        warnings.warn(
+            f"groups {flat.tolist()} have zero variance at layer {layer!r} (constant activations or a single patch); "
+            "they use the pooled covariance of all groups",
+            RuntimeWarning,
+            stacklevel=5,
+        )
+        keep = (trace > 0).nonzero().flatten()
+        pooled = Moments(moments.n[keep], moments.mean[keep], moments.scatter[keep]).pooled()
+        scatter = moments.scatter.clone()
+        scatter[flat] = moments.n[flat, None, None] * (pooled.scatter / pooled.n[:, None, None])  # (k, D, D)
+        return Moments(moments.n, moments.mean, scatter)
 
     # ---- scoring -----------------------------------------------------------------------------
 
@@ -198,10 +304,32 @@ class PatchMahalanobis(Detector):
             raise ValueError(f"layer {layer!r} must have C={self.channels_[layer]} channels (as at fit); got {f.shape[1]}")
 
     def _forms(self, dtype: torch.dtype, device: torch.device) -> dict[str, QuadraticForm]:
+        """Each layer's form in ``dtype`` on ``device``, or in float64 where ``dtype`` cannot hold it."""
         key = (dtype, device)
         if key not in self._cache:
-            self._cache = {key: {layer: form.to(dtype, device) for layer, form in self.forms_.items()}}
+            self._cache = {
+                key: {
+                    layer: form.to(dtype if _fits(form, dtype) else torch.float64, device)
+                    for layer, form in self.forms_.items()
+                }
+            }
         return self._cache[key]
+
+    def _layer_map(self, layer: str, f: Tensor, form: QuadraticForm, weights: Tensor | None) -> Tensor:
+        """Squared distances (N, H', W') of one layer's patches, in the dtype of ``form``."""
+        f = f.to(form.mean.dtype)
+        geometry = {"kernel_size": self.kernel_size[layer], "padding": self.padding[layer]}
+        if weights is None:
+            return patch_mahalanobis_sq(f, form, **geometry)[:, 0]  # (N, H', W')
+        weights = weights.to(form.mean.dtype)
+        size = [output_size(n, geometry["kernel_size"], geometry["padding"]) for n in f.shape[-2:]]
+        out = torch.zeros(f.shape[0], *size, dtype=f.dtype, device=f.device)  # (N, H', W')
+        # Score each image only against the groups it weights: K times less work for top-1.
+        for k in (weights > 0).any(0).nonzero().flatten().tolist():
+            rows = (weights[:, k] > 0).nonzero().flatten()
+            d2 = patch_mahalanobis_sq(f[rows], form.group(k), **geometry)[:, 0]  # (n_k, H', W')
+            out.index_add_(0, rows, d2 * weights[rows, k, None, None])
+        return out
 
     def _maps(self, logits: Tensor, feats: dict[str, Tensor]) -> dict[str, Tensor]:
         forms = self._forms(logits.dtype, logits.device)
@@ -209,19 +337,14 @@ class PatchMahalanobis(Detector):
         weights = self._group_weights(logits)  # (N, K) or None
         for layer, f in feats.items():
             self._check_map(layer, f)
-            geometry = {"kernel_size": self.kernel_size[layer], "padding": self.padding[layer]}
-            if weights is None:
-                maps[layer] = patch_mahalanobis_sq(f, forms[layer], **geometry)[:, 0]  # (N, H', W')
-                continue
-            # Score each image only against the groups it weights: K times less work for top-1.
-            out = None
-            for k in (weights > 0).any(0).nonzero().flatten().tolist():
-                rows = (weights[:, k] > 0).nonzero().flatten()
-                d2 = patch_mahalanobis_sq(f[rows], forms[layer].group(k), **geometry)[:, 0]  # (n_k, H', W')
-                if out is None:
-                    out = torch.zeros(f.shape[0], *d2.shape[1:], dtype=d2.dtype, device=d2.device)
-                out.index_add_(0, rows, d2 * weights[rows, k, None, None])
-            maps[layer] = out
+            m = self._layer_map(layer, f, forms[layer], weights)  # (N, H', W')
+            finite = torch.isfinite(f).flatten(1).all(1)  # (N,)
+            redo = (finite & ~torch.isfinite(m).flatten(1).all(1)).nonzero().flatten()
+            if len(redo) and m.dtype != torch.float64:  # overflow in the model's dtype: recompute in float64
+                form64 = self.forms_[layer].to(torch.float64, f.device)
+                w64 = None if weights is None else weights[redo]
+                m = m.double().index_copy(0, redo, self._layer_map(layer, f[redo], form64, w64))
+            maps[layer] = _saturate(m, finite, f.dtype)
         return maps
 
     def _layer_scores(self, logits: Tensor, feats: dict[str, Tensor]) -> Tensor:
@@ -229,8 +352,10 @@ class PatchMahalanobis(Detector):
         maps = self._maps(logits, feats)
         cols = []
         for layer, m in maps.items():
-            s = m.flatten(1).mean(1) if self.aggregate == "mean" else m.flatten(1).amax(1)  # (N,)
-            cols.append(s.masked_fill(~torch.isfinite(feats[layer]).flatten(1).all(1), float("inf")))
+            m64 = m.double().flatten(1)  # (N, H' W'), float64 so that saturated maps do not overflow
+            s = m64.mean(1) if self.aggregate == "mean" else m64.amax(1)  # (N,)
+            finite = torch.isfinite(feats[layer]).flatten(1).all(1)  # (N,)
+            cols.append(_saturate(s, finite, m.dtype).masked_fill(~finite, float("inf")))
         return torch.stack(cols, dim=1)
 
     def score_features(self, logits: Tensor, feats: dict[str, Tensor]) -> Tensor:
@@ -239,10 +364,13 @@ class PatchMahalanobis(Detector):
         return self._combine(self._layer_scores(logits, feats))
 
     def _combine(self, scores: Tensor) -> Tensor:
-        """(N, n_layers) layer scores -> (N,) sum of z-scores; +inf (warned) where not finite."""
-        mean, std = self.score_mean_.to(scores), self.score_std_.to(scores)
-        combined = ((scores - mean) / std).sum(1) if len(self.layers) > 1 else scores[:, 0]
-        return warn_nonfinite(combined, ~torch.isfinite(combined))
+        """(N, n_layers) layer scores -> (N,) sum of z-scores; +inf (warned) where a layer score is not finite."""
+        bad = ~torch.isfinite(scores).all(1)  # (N,): non-finite activations
+        s64 = scores.double()
+        mean, std = self.score_mean_.to(s64), self.score_std_.to(s64)
+        combined = ((s64 - mean) / std).sum(1) if len(self.layers) > 1 else s64[:, 0]
+        big = torch.finfo(scores.dtype).max
+        return warn_nonfinite(combined.clamp(-big, big).to(scores.dtype), bad)
 
     def combine_layer_scores(self, layer_scores: Mapping[str, Tensor]) -> Tensor:
         """The combined score (N,) from the output of :meth:`score_layers`, without a second forward."""
@@ -270,3 +398,32 @@ class PatchMahalanobis(Detector):
     @property
     def is_fitted(self) -> bool:
         return bool(self.forms_) and self.score_mean_ is not None
+
+
+def _fits(form: QuadraticForm, dtype: torch.dtype) -> bool:
+    """Whether ``dtype`` can score with ``form``: its mean and its largest weights within ``sqrt`` of the range.
+
+    The distances are sums of squared deviations times weights (``gain``, ``diag``): with the
+    mean below ``sqrt(max)`` and the largest weight within ``[sqrt(tiny), sqrt(max)]`` they stay
+    normal numbers. Otherwise (activations near 1e30 give weights near 1e-60, which float32
+    flushes to zero) the layer is scored in float64. Projections are orthonormal: not checked.
+    """
+    info = torch.finfo(dtype)
+    low, high = info.tiny**0.5, info.max**0.5
+    if form.mean.abs().max() > high:
+        return False
+    for weights in (form.gain, form.diag):
+        if weights is not None:
+            largest = weights.abs().max()
+            if largest > high or 0 < largest < low:
+                return False
+    return True
+
+
+def _saturate(values: Tensor, finite: Tensor, dtype: torch.dtype) -> Tensor:
+    """Cast (N, ...) values to ``dtype``: rows with finite activations saturate at its largest finite
+    value (NaN included), the other rows keep +inf where they are not finite."""
+    big = torch.finfo(dtype).max
+    rows = finite.reshape(-1, *([1] * (values.ndim - 1)))
+    values = torch.nan_to_num(values, nan=float("inf"), posinf=float("inf"), neginf=float("-inf"))
+    return torch.where(rows, values.clamp(-big, big), values).to(dtype)

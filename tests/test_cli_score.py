@@ -1,0 +1,175 @@
+"""``covguard score``: a calibrated guard file + a registry model + a folder, tar or file of images -> CSV."""
+
+import csv
+import io
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+import covguard as cg
+from covguard.cli import main
+from covguard.guard import decode_image, iter_images
+from covguard.models import MODELS
+
+MODEL_ARGS = ["--model", "small_cnn", "--model-arg", "width=4", "--model-arg", "num_classes=3"]
+
+
+def blobs(n, seed, shift=0.0):
+    """(n, 1, 16, 16) smooth images in [0, 1]."""
+    gen = torch.Generator().manual_seed(seed)
+    grid = torch.linspace(-1, 1, 16)
+    yy, xx = torch.meshgrid(grid, grid, indexing="ij")
+    c = torch.rand(n, 2, generator=gen) - 0.5
+    blob = torch.exp(-((xx - c[:, 0, None, None]) ** 2 + (yy - c[:, 1, None, None]) ** 2) / 0.3)
+    return (0.8 * blob[:, None] + 0.1 * torch.rand(n, 1, 16, 16, generator=gen) + shift).clamp(0, 1)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    torch.manual_seed(0)
+    model = MODELS["small_cnn"](width=4, num_classes=3).eval()
+    save_file(model.state_dict(), str(root / "weights.safetensors"))
+    det = cg.SimpleMahalanobis(model, layers=["block2", "block3"]).fit([blobs(200, 1)], progress=False)
+    guard = cg.Guard(model, det).calibrate([blobs(1000, 2)], tpr=0.9, progress=False)
+    guard.save(root / "guard.safetensors")
+    det.save(root / "plain.safetensors")
+    folder = root / "images"
+    (folder / "sub").mkdir(parents=True)
+    pictures = {}
+    for i, x in enumerate(blobs(5, 3)):
+        pixels = (x[0].numpy() * 255).round().astype(np.uint8)
+        img = Image.fromarray(pixels, "L").resize((20, 24), Image.BILINEAR)  # another size: resized back
+        if i % 2:
+            img = img.convert("RGB")  # RGB files are converted to the model's one channel
+        name = f"sub/img{i}.png" if i == 4 else f"img{i}.png"
+        img.save(folder / name)
+        pictures[name] = (folder / name).read_bytes()
+    noise = np.random.default_rng(0).integers(0, 256, size=(16, 16), dtype=np.uint8)
+    Image.fromarray(noise, "L").save(folder / "noise.png")  # out of distribution
+    pictures["noise.png"] = (folder / "noise.png").read_bytes()
+    (folder / "broken.png").write_bytes(b"\x89PNG not really")
+    (folder / "notes.txt").write_text("not an image")
+    with tarfile.open(root / "images.tar.gz", "w:gz") as archive:
+        for name in sorted(pictures):
+            archive.add(folder / name, arcname=f"batch/{name}")
+    return root, model, guard, pictures
+
+
+def read_csv(path):
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def expected_rows(guard, pictures):
+    x = torch.stack([decode_image(data, channels=1, size=(16, 16)) for data in pictures.values()])
+    out = guard(x)
+    return {
+        name: (s, f, p)
+        for name, s, f, p in zip(pictures, out.scores.tolist(), out.flagged.tolist(), out.predictions.tolist())
+    }
+
+
+def run(setup, images, out, *extra):
+    root = setup[0]
+    argv = [
+        "score",
+        "--detector",
+        str(root / "guard.safetensors"),
+        *MODEL_ARGS,
+        "--weights",
+        str(root / "weights.safetensors"),
+    ]
+    return main([*argv, "--images", str(images), "--out", str(out), "--batch-size", "2", *extra])
+
+
+def test_scores_a_folder(setup, tmp_path, capsys):
+    root, _, guard, pictures = setup
+    assert run(setup, root / "images", tmp_path / "scores.csv") == 0
+    rows = read_csv(tmp_path / "scores.csv")
+    assert [r["path"] for r in rows] == [
+        "broken.png",
+        "img0.png",
+        "img1.png",
+        "img2.png",
+        "img3.png",
+        "noise.png",
+        "sub/img4.png",
+    ]
+    assert rows[0]["flagged"] == "True" and rows[0]["score"] == "" and "cannot decode image" in rows[0]["error"]
+    expected = expected_rows(guard, pictures)
+    for row in rows[1:]:
+        score, flagged, predicted = expected[row["path"]]
+        assert float(row["score"]) == pytest.approx(score, rel=1e-5, abs=1e-4)
+        assert row["flagged"] == str(flagged) and int(row["predicted_class"]) == predicted and row["error"] == ""
+    assert [r["path"] for r in rows if r["flagged"] == "True"] == ["broken.png", "noise.png"]
+    captured = capsys.readouterr()
+    assert "scored 6 images (1 could not be decoded)" in captured.out and "calibrated for TPR 0.90" in captured.out
+    assert "score" in captured.err  # the progress bar
+
+
+def test_scores_a_tar_archive_and_a_single_file(setup, tmp_path):
+    root, _, guard, pictures = setup
+    assert run(setup, root / "images.tar.gz", tmp_path / "tar.csv", "--no-progress") == 0
+    rows = read_csv(tmp_path / "tar.csv")
+    assert [r["path"] for r in rows] == [f"batch/{name}" for name in sorted(pictures)]
+    assert run(setup, root / "images" / "img1.png", tmp_path / "one.csv", "--no-progress") == 0
+    (one,) = read_csv(tmp_path / "one.csv")
+    assert float(one["score"]) == pytest.approx(expected_rows(guard, pictures)["img1.png"][0], rel=1e-5, abs=1e-4)
+    tar_scores = {r["path"].removeprefix("batch/"): float(r["score"]) for r in rows}
+    assert tar_scores["img1.png"] == pytest.approx(float(one["score"]), rel=1e-5, abs=1e-4)
+
+
+def test_errors_exit_2_with_a_message(setup, tmp_path, capsys):
+    root = setup[0]
+    argv = [
+        "score",
+        *MODEL_ARGS,
+        "--weights",
+        str(root / "weights.safetensors"),
+        "--images",
+        str(root / "images"),
+        "--out",
+        str(tmp_path / "s.csv"),
+    ]
+    assert main([*argv, "--detector", str(root / "plain.safetensors")]) == 2
+    assert "holds a detector without a guard calibration" in capsys.readouterr().err
+    torch.manual_seed(1)
+    save_file(MODELS["small_cnn"](width=4, num_classes=3).state_dict(), str(tmp_path / "other.safetensors"))
+    argv[argv.index("--weights") + 1] = str(tmp_path / "other.safetensors")
+    assert main([*argv, "--detector", str(root / "guard.safetensors")]) == 2
+    assert "model parameters differ" in capsys.readouterr().err
+    with pytest.warns(RuntimeWarning, match="model parameters differ"):
+        assert main([*argv, "--detector", str(root / "guard.safetensors"), "--no-strict-model", "--no-progress"]) == 0
+    assert main(["score", "--detector", "x", "--model", "nope", "--weights", "w", "--images", ".", "--out", "o"]) == 2
+    assert "--model must be one of" in capsys.readouterr().err
+
+
+def test_decode_converts_channels_and_resizes_bilinear():
+    buf = io.BytesIO()
+    Image.new("RGB", (30, 10), (200, 100, 50)).save(buf, format="PNG")
+    grey = decode_image(buf.getvalue(), channels=1, size=(8, 12))
+    assert grey.shape == (1, 8, 12) and grey.dtype == torch.float32
+    luma = round(200 * 299 / 1000 + 100 * 587 / 1000 + 50 * 114 / 1000)  # ITU-R 601-2, as PIL's "L"
+    assert torch.allclose(grey, torch.full_like(grey, luma / 255), atol=1 / 255)
+    rgb = decode_image(buf.getvalue(), channels=3, size=(8, 12))
+    assert rgb.shape == (3, 8, 12) and torch.allclose(rgb[:, 0, 0], torch.tensor([200, 100, 50]) / 255)
+    gradient = np.tile(np.arange(0, 256, 16, dtype=np.uint8), (4, 1))  # (4, 16): 0, 16, ..., 240
+    buf = io.BytesIO()
+    Image.fromarray(gradient, "L").save(buf, format="PNG")
+    half = decode_image(buf.getvalue(), channels=1, size=(4, 8))[0, 0] * 255
+    assert torch.allclose(
+        half, torch.tensor(np.asarray(Image.fromarray(gradient).resize((8, 4), Image.BILINEAR))[0]).float()
+    )
+    with pytest.raises(ValueError, match="channels must be 1 .grey. or 3 .RGB."):
+        decode_image(buf.getvalue(), channels=2, size=(4, 4))
+
+
+def test_iter_images_rejects_missing_source(tmp_path):
+    with pytest.raises(FileNotFoundError, match="is neither a folder nor a file"):
+        iter_images(tmp_path / "nothing")
+    assert iter_images(tmp_path)[0] == 0
