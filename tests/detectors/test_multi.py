@@ -1,0 +1,50 @@
+"""fit_detectors / score_detectors give what each detector's own fit / score gives."""
+
+import pytest
+import torch
+
+import covguard as cg
+from covguard.detectors.baselines import BASELINES
+from covguard.detectors.multi import fit_detectors, score_detectors
+
+
+def make(model):
+    return {
+        "simple": cg.SimpleMahalanobis(model, layers=["block1", "block2"]),
+        "class": cg.ClassMahalanobis(model, layers=["block2"], covariance="lowrank", rank=4),
+        "mds": BASELINES["mds"](model),
+        "vim": BASELINES["vim"](model),
+        "msp": BASELINES["msp"](model),
+        "odin": BASELINES["odin"](model),
+    }
+
+
+def test_joint_fit_and_score_equal_separate(tiny_model, images):
+    x, y = images
+    loader = [(x[i : i + 64], y[i : i + 64]) for i in range(0, 200, 64)]
+    holdout = [x[200:]]
+    joint, alone = make(tiny_model), make(tiny_model)
+    fit_detectors(list(joint.values()), loader, holdout=holdout, progress=False)
+    for det in alone.values():
+        if isinstance(det, cg.detectors.PatchMahalanobis):
+            det.fit(loader, holdout=holdout, progress=False)
+        elif det.requires_fit:
+            det.fit(loader, progress=False)
+    scores = score_detectors(joint, x[:50], batch_size=16)
+    for name, det in alone.items():
+        combined, layers = scores[name]
+        torch.testing.assert_close(combined, det.score(x[:50]), rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+        if isinstance(det, cg.detectors.PatchMahalanobis):
+            ref = det.score_layers(x[:50])
+            assert set(layers) == set(ref)
+            for layer in ref:
+                torch.testing.assert_close(layers[layer], ref[layer], rtol=1e-4, atol=1e-6)
+
+
+def test_detectors_of_different_models_are_refused(tiny_model, images):
+    from conftest import TinyCNN
+
+    with pytest.raises(ValueError, match="same model object"):
+        fit_detectors([cg.SimpleMahalanobis(tiny_model, layers=["block1"]), cg.SimpleMahalanobis(TinyCNN(), layers=["block1"])], [images[0]])
+    with pytest.raises(ValueError, match="at least one detector"):
+        fit_detectors([], [images[0]])
