@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 from covguard.attacks import FGSM, PGD, success_mask
 from covguard.data import load_digits_split, ood_sets

@@ -1,0 +1,259 @@
+"""Adversarial-example detection on CIFAR-10 with the shared pretrained ResNets.
+
+Protocol (issue 3, DESIGN.md section 4):
+
+- Detectors are fitted on the CIFAR-10 training set only, minus ``n_holdout`` images held out
+  (seeded) to standardize the layer scores of multi-layer detectors. Nothing is tuned on
+  adversarial data: every hyperparameter is fixed in :class:`AdversarialConfig` beforehand.
+- ``n_images`` test images are drawn with a fixed seed; those the model classifies correctly
+  are attacked. Positives are the successful adversarials, negatives the same clean images.
+  ``mix`` assigns each clean image to one attack (seeded round robin) and keeps its adversarial.
+- Budgets are in [0, 1] pixel units; models normalize internally, so the budget never sees
+  the normalization.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from covguard.attacks import ATTACKS, success_mask
+from covguard.bench.common import accuracy, fit_on_train, format_mean_std, load_cifar_model, mean_std, predict
+from covguard.data.registry import load_set
+from covguard.detectors.multi import score_detectors
+from covguard.metrics import evaluate
+from covguard.report import markdown_table, plot_histograms, plot_roc, write_json
+
+__all__ = ["AdversarialConfig", "run_adversarial", "render_markdown"]
+
+logger = logging.getLogger(__name__)
+
+#: Detector shown first in tables: fixed before any adversarial data was scored.
+HEADLINE = "class_mahalanobis_top1"
+
+
+@dataclass(frozen=True)
+class AdversarialConfig:
+    """Settings of the adversarial benchmark; defaults are the documented full run."""
+
+    models: tuple[str, ...] = ("resnet20", "resnet32", "resnet44")
+    attacks: tuple[str, ...] = ("fgsm", "bim", "pgd", "pgd_l2", "igm")  # keys of ATTACKS; "mix" is added
+    eps: float = 8 / 255  # L-inf budget (pixels in [0, 1])
+    eps_l2: float = 0.5  # L2 budget of pgd_l2
+    steps: int = 10  # PGD / PGD-L2 / IGM iterations (BIM: Kurakin's rule)
+    igm_scales: int = 8  # IGM: input scales averaged per integrated gradient
+    n_images: int = 1000  # clean test images drawn (seeded); the correct ones are attacked
+    n_holdout: int = 5000  # training images held out from fit to standardize layer scores
+    max_train: int | None = None  # cap on fit images (reduced runs); None = all the rest
+    covariance: str = "full"  # patch covariance form
+    baselines: tuple[str, ...] = ("msp", "max_logit", "energy", "odin", "gen", "mds", "rmds", "knn", "vim", "react")
+    seed: int = 0
+    batch_size: int = 256
+    device: str = "cpu"
+    progress: bool = True
+
+
+def _attack(name: str, model: nn.Module, cfg: AdversarialConfig, gen: torch.Generator):
+    if name not in ATTACKS:
+        raise ValueError(f"attacks must be keys of {sorted(ATTACKS)}; got {name!r}")
+    if name in ("fgsm", "bim"):
+        return ATTACKS[name](model, eps=cfg.eps)
+    if name == "pgd":
+        return ATTACKS[name](model, eps=cfg.eps, alpha=2.5 * cfg.eps / cfg.steps, steps=cfg.steps, generator=gen)
+    if name == "pgd_l2":
+        return ATTACKS[name](model, eps=cfg.eps_l2, alpha=2.5 * cfg.eps_l2 / cfg.steps, steps=cfg.steps, generator=gen)
+    return ATTACKS[name](model, eps=cfg.eps, alpha=2.5 * cfg.eps / cfg.steps, steps=cfg.steps, m=cfg.igm_scales, generator=gen)
+
+
+def _craft(attack, x: Tensor, y: Tensor, batch_size: int, device: str) -> Tensor:
+    out = [attack(x[i : i + batch_size].to(device), y[i : i + batch_size].to(device)).cpu() for i in range(0, len(x), batch_size)]
+    return torch.cat(out)
+
+
+def _run_model(name: str, cfg: AdversarialConfig, root: Path, train, test) -> dict:
+    """Fit, attack and score one checkpoint; returns its JSON-ready results and raw scores."""
+    seconds = {}
+    tic = time.perf_counter()
+    model = load_cifar_model(root, name, cfg.device)
+    x_test, y_test = test.float(), test.labels
+    test_accuracy = accuracy(model, x_test, y_test)
+    logger.info("%s: JPEG test accuracy %.4f", name, test_accuracy)
+
+    detectors, sizes = fit_on_train(
+        model, train, baselines=cfg.baselines, covariance=cfg.covariance, n_holdout=cfg.n_holdout,
+        max_train=cfg.max_train, seed=cfg.seed, batch_size=cfg.batch_size, progress=cfg.progress,
+    )
+    seconds["fit"] = time.perf_counter() - tic
+
+    tic = time.perf_counter()
+    pick = torch.randperm(len(x_test), generator=torch.Generator().manual_seed(cfg.seed))[: cfg.n_images]
+    x, y = x_test[pick], y_test[pick]
+    correct = predict(model, x) == y
+    x, y = x[correct], y[correct]
+    adversarials, success = {}, {}
+    for attack_name in cfg.attacks:
+        attack = _attack(attack_name, model, cfg, torch.Generator().manual_seed(cfg.seed))
+        adversarials[attack_name] = _craft(attack, x, y, cfg.batch_size, cfg.device)
+        success[attack_name] = success_mask(model, adversarials[attack_name].to(cfg.device), y.to(cfg.device)).cpu()
+    assign = torch.randperm(len(x), generator=torch.Generator().manual_seed(cfg.seed)) % len(cfg.attacks)  # (n,)
+    stacked = torch.stack([adversarials[a] for a in cfg.attacks])  # (A, n, C, H, W)
+    adversarials["mix"] = stacked[assign, torch.arange(len(x))]
+    success["mix"] = torch.stack([success[a] for a in cfg.attacks])[assign, torch.arange(len(x))]
+    seconds["attacks"] = time.perf_counter() - tic
+
+    tic = time.perf_counter()
+    clean_scores = score_detectors(detectors, x, batch_size=cfg.batch_size)
+    metrics, layer_auroc, raw = {}, {}, {}
+    for attack_name, x_adv in adversarials.items():
+        ok = success[attack_name]
+        if ok.sum() < 2:
+            logger.warning("%s: attack %s succeeded on %d images; skipped", name, attack_name, int(ok.sum()))
+            continue
+        adv_scores = score_detectors(detectors, x_adv[ok], batch_size=cfg.batch_size)
+        metrics[attack_name], layer_auroc[attack_name], raw[attack_name] = {}, {}, {}
+        for det_name in detectors:
+            (c_in, l_in), (c_out, l_out) = clean_scores[det_name], adv_scores[det_name]
+            metrics[attack_name][det_name] = evaluate(c_in[ok], c_out).to_dict()
+            raw[attack_name][det_name] = (c_in[ok], c_out)
+            if l_in:
+                layer_auroc[attack_name][det_name] = {k: evaluate(l_in[k][ok], l_out[k]).auroc for k in l_in}
+                raw[attack_name][f"{det_name}/layers"] = {k: (l_in[k][ok], l_out[k]) for k in l_in}
+    seconds["score"] = time.perf_counter() - tic
+    result = {
+        "test_accuracy": test_accuracy,
+        "n_clean_correct": int(correct.sum()),
+        "n_drawn": len(pick),
+        **sizes,
+        "attack_success_rate": {a: s.float().mean().item() for a, s in success.items()},
+        "metrics": metrics,
+        "layer_auroc": layer_auroc,
+        "seconds": seconds,
+    }
+    return {"result": result, "raw": raw}
+
+
+def run_adversarial(root: str | Path, out: str | Path, config: AdversarialConfig = AdversarialConfig()) -> dict:
+    """Run the benchmark on every configured checkpoint and write the report folder.
+
+    Parameters
+    ----------
+    root : str or Path
+        Data root holding ``cifar10-jpeg/{train,test}.tar`` and ``models/resnet*.th``.
+    out : str or Path
+        Report folder: ``results.json``, ``results.md``, ``roc_<attack>.png``,
+        ``hist_<attack>.png``.
+    config : AdversarialConfig
+
+    Returns
+    -------
+    dict
+        What ``results.json`` holds.
+    """
+    root, out = Path(root), Path(out)
+    if not 0 < config.eps:
+        raise ValueError(f"eps must be > 0; got {config.eps}")
+    if not config.attacks:
+        raise ValueError("attacks must name at least one attack")
+    out.mkdir(parents=True, exist_ok=True)
+    train = load_set("cifar10_train", root, progress=config.progress)
+    test = load_set("cifar10_test", root, progress=config.progress)
+    per_model, first_raw = {}, None
+    for name in config.models:
+        run = _run_model(name, config, root, train, test)
+        per_model[name] = run["result"]
+        first_raw = first_raw or run["raw"]
+    results = {"config": asdict(config), "models": per_model}
+    write_json(results, out / "results.json")
+    _plots(first_raw, out, config.models[0])
+    (out / "results.md").write_text(render_markdown(results))
+    return results
+
+
+def _plots(raw: dict, out: Path, model_name: str) -> None:
+    """ROC curves of all detectors and the headline detector's best-layer histogram, per attack."""
+    for attack, per_det in raw.items():
+        curves = {k: v for k, v in per_det.items() if not k.endswith("/layers")}
+        plot_roc(curves, out / f"roc_{attack}.png", title=f"{model_name}: clean vs {attack}")
+        layers = per_det[f"{HEADLINE}/layers"]
+        best = max(layers, key=lambda k: evaluate(*layers[k]).auroc)
+        plot_histograms(
+            *layers[best], out / f"hist_{attack}.png", label_in="clean", label_out=attack,
+            title=f"{model_name} {HEADLINE}, best layer: {best}",
+        )
+
+
+def _table(results: dict, key: str, detectors: Sequence[str], attacks: Sequence[str]) -> str:
+    models = list(results["models"].values())
+    rows = []
+    for det in detectors:
+        row = {"detector": det}
+        for attack in attacks:
+            vals = [m["metrics"][attack][det][key] for m in models if attack in m["metrics"]]
+            row[attack] = format_mean_std(vals) if vals else None
+        rows.append(row)
+    return markdown_table(rows, ["detector", *attacks])
+
+
+def render_markdown(results: dict) -> str:
+    """Tables: AUROC and FPR@95 (mean ± std over checkpoints, %), per-layer AUROC, success rates."""
+    models = results["models"]
+    first = next(iter(models.values()))
+    attacks = [a for a in [*results["config"]["attacks"], "mix"] if any(a in m["metrics"] for m in models.values())]
+    detectors = list(next(iter(first["metrics"].values())))
+    detectors = [HEADLINE, *[d for d in detectors if d != HEADLINE]]
+    cfg = results["config"]
+    lines = [
+        "# Adversarial detection on CIFAR-10 (JPEG copy)",
+        "",
+        f"Checkpoints: {', '.join(models)}; L-inf eps = {cfg['eps'] * 255:.0f}/255, L2 eps = {cfg['eps_l2']}; "
+        f"{cfg['n_images']} test images drawn (seed {cfg['seed']}), the correctly classified ones attacked. "
+        "Values are mean ± std over checkpoints, in %.",
+        "",
+        "## Models",
+        "",
+        markdown_table(
+            [
+                {
+                    "model": name,
+                    "JPEG test accuracy": f"{m['test_accuracy'] * 100:.2f}",
+                    "attacked images": m["n_clean_correct"],
+                    **{f"success {a}": f"{m['attack_success_rate'][a] * 100:.1f}" for a in attacks},
+                }
+                for name, m in models.items()
+            ],
+            ["model", "JPEG test accuracy", "attacked images", *[f"success {a}" for a in attacks]],
+        ),
+        "",
+        "## AUROC (higher is better)",
+        "",
+        _table(results, "auroc", detectors, attacks),
+        "",
+        "## FPR at 95% TPR (lower is better)",
+        "",
+        _table(results, "fpr_at_95tpr", detectors, attacks),
+        "",
+        "## Per-layer AUROC of the patch detectors",
+        "",
+    ]
+    rows = []
+    for det in first["layer_auroc"][attacks[0]]:
+        for layer in first["layer_auroc"][attacks[0]][det]:
+            row = {"detector": det, "layer": layer}
+            for attack in attacks:
+                vals = [m["layer_auroc"][attack][det][layer] for m in models.values() if attack in m["layer_auroc"]]
+                row[attack] = format_mean_std(vals)
+            rows.append(row)
+    lines += [markdown_table(rows, ["detector", "layer", *attacks]), ""]
+    mean_auroc = {
+        det: mean_std([m["metrics"][a][det]["auroc"] for m in models.values() for a in attacks if a in m["metrics"]])[0]
+        for det in detectors
+    }
+    best = max(mean_auroc, key=mean_auroc.get)
+    lines += [f"Highest AUROC averaged over attacks and checkpoints: {best} ({mean_auroc[best] * 100:.1f}).", ""]
+    return "\n".join(lines)

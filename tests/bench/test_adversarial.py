@@ -1,0 +1,51 @@
+"""Reduced adversarial benchmark on the real shared data (skipped when it is absent)."""
+
+import json
+
+import pytest
+
+from covguard.bench.adversarial import AdversarialConfig, run_adversarial
+from covguard.data.registry import data_root
+
+pytestmark = pytest.mark.data
+
+
+@pytest.fixture(scope="module")
+def reduced_run(tmp_path_factory):
+    root = data_root()
+    if root is None or not (root / "cifar10-jpeg" / "train.tar").exists():
+        pytest.skip("shared CIFAR-10 data not found (set COVGUARD_DATA)")
+    out = tmp_path_factory.mktemp("adv")
+    cfg = AdversarialConfig(
+        models=("resnet20",), attacks=("fgsm", "pgd", "igm"), n_images=60, n_holdout=200, max_train=600,
+        steps=3, igm_scales=2, baselines=("msp", "energy", "mds"), progress=False,
+    )
+    return run_adversarial(root, out, cfg), out
+
+
+def test_report_files_and_protocol(reduced_run):
+    results, out = reduced_run
+    model = results["models"]["resnet20"]
+    assert 0.75 < model["test_accuracy"] < 0.9  # README of the data: 81.0 % on the JPEG test set
+    assert model["n_fit"] == 600 and model["n_holdout"] == 200
+    assert set(model["metrics"]) == {"fgsm", "pgd", "igm", "mix"}
+    assert model["attack_success_rate"]["pgd"] > 0.9  # 8/255 breaks an undefended ResNet-20
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["models"]["resnet20"]["metrics"]["pgd"]["msp"]["auroc"] == model["metrics"]["pgd"]["msp"]["auroc"]
+    for attack in ("fgsm", "pgd", "igm", "mix"):
+        assert (out / f"roc_{attack}.png").stat().st_size > 0 and (out / f"hist_{attack}.png").stat().st_size > 0
+    table = (out / "results.md").read_text()
+    assert "| class_mahalanobis_top1 |" in table and "| mds |" in table
+
+
+def test_patch_detectors_beat_chance_and_confidence_baselines_fail_on_pgd(reduced_run):
+    model = reduced_run[0]["models"]["resnet20"]
+    pgd = model["metrics"]["pgd"]
+    assert pgd["simple_mahalanobis"]["auroc"] > 0.7
+    assert pgd["msp"]["auroc"] < 0.5  # PGD raises confidence: logit scores fall below chance
+    assert set(model["layer_auroc"]["pgd"]["simple_mahalanobis"]) == {"layer1", "layer2", "layer3", "avgpool"}
+
+
+def test_bad_eps_is_rejected(tmp_path):
+    with pytest.raises(ValueError, match="eps must be > 0"):
+        run_adversarial(tmp_path, tmp_path / "out", AdversarialConfig(eps=0.0))
