@@ -1,4 +1,4 @@
-"""Command-line interface: ``covguard demo``, ``covguard score`` (more commands join as benchmarks land)."""
+"""Command-line interface: ``covguard demo``, ``covguard score``, ``covguard bench adversarial|ood``."""
 
 from __future__ import annotations
 
@@ -112,6 +112,63 @@ def _score_images(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_root(value: str | None) -> Path:
+    from covguard.data.registry import data_root
+
+    root = Path(value) if value else data_root()
+    if root is None or not root.is_dir():
+        raise SystemExit(f"covguard: --data must be a folder with the benchmark data; got {value!r} (and no COVGUARD_DATA)")
+    return root
+
+
+def _bench_adversarial(args: argparse.Namespace) -> int:
+    from covguard.bench.adversarial import AdversarialConfig, run_adversarial
+
+    config = AdversarialConfig(
+        models=tuple(args.models), attacks=tuple(args.attacks), eps=args.eps / 255, eps_l2=args.eps_l2,
+        steps=args.steps, igm_scales=args.igm_scales, n_images=args.n_images, n_holdout=args.n_holdout,
+        max_train=args.max_train, covariance=args.covariance, baselines=tuple(args.baselines), seed=args.seed,
+        batch_size=args.batch_size, device=args.device, progress=not args.no_progress,
+    )
+    tic = time.perf_counter()
+    run_adversarial(_data_root(args.data), args.out, config)
+    print((Path(args.out) / "results.md").read_text())
+    print(f"Report written to {args.out} in {time.perf_counter() - tic:.1f} s")
+    return 0
+
+
+def _bench_ood(args: argparse.Namespace) -> int:
+    from covguard.bench.ood import OODConfig, run_ood
+
+    config = OODConfig(
+        models=tuple(args.models), n_holdout=args.n_holdout, max_train=args.max_train, max_eval=args.max_eval,
+        n_noise=args.n_noise, covariance=args.covariance, baselines=tuple(args.baselines), seed=args.seed,
+        batch_size=args.batch_size, device=args.device, progress=not args.no_progress,
+    )
+    tic = time.perf_counter()
+    run_ood(_data_root(args.data), args.out, config)
+    print((Path(args.out) / "results.md").read_text())
+    print(f"Report written to {args.out} in {time.perf_counter() - tic:.1f} s")
+    return 0
+
+
+def _add_bench_common(parser: argparse.ArgumentParser, out: str) -> None:
+    from covguard.bench.common import CIFAR_MODELS
+    from covguard.detectors.baselines import BASELINES
+
+    parser.add_argument("--data", default=None, help="data root (default: $COVGUARD_DATA or ../shared/data)")
+    parser.add_argument("--out", default=out, help=f"report folder (default: {out})")
+    parser.add_argument("--models", nargs="+", choices=CIFAR_MODELS, default=list(CIFAR_MODELS))
+    parser.add_argument("--baselines", nargs="*", choices=sorted(BASELINES), default=list(BASELINES))
+    parser.add_argument("--covariance", choices=("full", "diag", "lowrank"), default="full")
+    parser.add_argument("--n-holdout", type=int, default=5000, help="training images held out to standardize layers")
+    parser.add_argument("--max-train", type=int, default=None, help="cap on fit images (quick runs)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="covguard", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
@@ -148,6 +205,23 @@ def build_parser() -> argparse.ArgumentParser:
                        help="accept a model whose parameters differ from the fitted ones (warns)")
     score.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     score.set_defaults(func=_score)
+
+    bench = sub.add_parser("bench", help="reproduce a benchmark on real data").add_subparsers(dest="bench", required=True)
+    adv = bench.add_parser("adversarial", help="adversarial-example detection on CIFAR-10 (FGSM, BIM, PGD, PGD-L2, IGM, mix)")
+    _add_bench_common(adv, "results/adversarial")
+    adv.add_argument("--attacks", nargs="+", choices=("fgsm", "bim", "pgd", "pgd_l2", "igm"),
+                     default=["fgsm", "bim", "pgd", "pgd_l2", "igm"], help="a 'mix' set drawn from them is always added")
+    adv.add_argument("--eps", type=float, default=8.0, help="L-inf budget in pixel levels /255 (default: 8)")
+    adv.add_argument("--eps-l2", type=float, default=0.5, help="L2 budget of pgd_l2 in [0, 1] pixel units")
+    adv.add_argument("--steps", type=int, default=10, help="iterations of PGD, PGD-L2 and IGM")
+    adv.add_argument("--igm-scales", type=int, default=8, help="input scales per integrated gradient")
+    adv.add_argument("--n-images", type=int, default=1000, help="clean test images drawn (seeded)")
+    adv.set_defaults(func=_bench_adversarial)
+    ood = bench.add_parser("ood", help="OOD detection on CIFAR-10: near CIFAR-100/TIN, far MNIST (OpenOOD v1.5 style)")
+    _add_bench_common(ood, "results/ood")
+    ood.add_argument("--max-eval", type=int, default=None, help="cap on images per evaluation set (seeded subset)")
+    ood.add_argument("--n-noise", type=int, default=2000, help="images per synthetic noise set")
+    ood.set_defaults(func=_bench_ood)
     return parser
 
 

@@ -49,3 +49,11 @@ def test_patch_detectors_beat_chance_and_confidence_baselines_fail_on_pgd(reduce
 def test_bad_eps_is_rejected(tmp_path):
     with pytest.raises(ValueError, match="eps must be > 0"):
         run_adversarial(tmp_path, tmp_path / "out", AdversarialConfig(eps=0.0))
+
+
+def test_cli_refuses_missing_data_root(monkeypatch):
+    from covguard.cli import main
+
+    monkeypatch.delenv("COVGUARD_DATA", raising=False)
+    with pytest.raises(SystemExit, match="--data must be a folder"):
+        main(["bench", "adversarial", "--data", "/nonexistent/covguard-data"])
