@@ -161,6 +161,7 @@ def fit_on_train(
     max_train: int | None = None,
     seed: int = 0,
     batch_size: int = 256,
+    mixture: bool = True,
     progress: bool = True,
 ) -> tuple[dict[str, Detector], dict[str, int]]:
     """Our patch detectors and the baselines, fitted together on the training set.
@@ -171,7 +172,7 @@ def fit_on_train(
     Returns
     -------
     detectors : dict of str to Detector
-        Including ``class_mahalanobis_mixture`` (see :func:`add_mixture`).
+        Including ``class_mahalanobis_mixture`` when ``mixture`` (see :func:`add_mixture`).
     sizes : dict
         ``{"n_fit": ..., "n_holdout": ...}``.
     """
@@ -183,5 +184,6 @@ def fit_on_train(
     hold_loader = UInt8Batches(train.images[hold_idx], train.labels[hold_idx], batch_size)
     detectors = {**patch_detectors(model, CIFAR_LAYERS, covariance=covariance), **baseline_detectors(model, baselines)}
     fit_detectors(list(detectors.values()), fit_loader, holdout=hold_loader, progress=progress)
-    add_mixture(detectors)
+    if mixture:
+        add_mixture(detectors)
     return detectors, {"n_fit": len(fit_idx), "n_holdout": len(hold_idx)}

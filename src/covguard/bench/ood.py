@@ -52,6 +52,7 @@ class OODConfig:
     max_eval: int | None = None  # cap on images per evaluation set (reduced runs)
     n_noise: int = 2000  # images per synthetic noise set
     covariance: str = "full"
+    mixture: bool = False  # also score class_mahalanobis_mixture (3x the top-1 scoring cost)
     baselines: tuple[str, ...] = ("msp", "max_logit", "energy", "odin", "gen", "mds", "rmds", "knn", "vim", "react")
     seed: int = 0
     batch_size: int = 256
@@ -91,7 +92,7 @@ def _run_model(name: str, cfg: OODConfig, root: Path, train, sets: dict) -> dict
     id_accuracy = accuracy(model, x_id, y_id)
     detectors, sizes = fit_on_train(
         model, train, baselines=cfg.baselines, covariance=cfg.covariance, n_holdout=cfg.n_holdout,
-        max_train=cfg.max_train, seed=cfg.seed, batch_size=cfg.batch_size, progress=cfg.progress,
+        max_train=cfg.max_train, seed=cfg.seed, batch_size=cfg.batch_size, mixture=cfg.mixture, progress=cfg.progress,
     )
     seconds["fit"] = time.perf_counter() - tic
     tic = time.perf_counter()
