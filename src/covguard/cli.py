@@ -1,4 +1,4 @@
-"""Command-line interface: ``covguard demo``, ``covguard score``, ``covguard bench adversarial|ood``."""
+"""Command-line interface: ``covguard demo``, ``score``, ``heatmap``, ``bench adversarial|ood|shortcut``."""
 
 from __future__ import annotations
 
@@ -223,6 +223,13 @@ def build_parser() -> argparse.ArgumentParser:
     ood.add_argument("--n-noise", type=int, default=2000, help="images per synthetic noise set")
     ood.add_argument("--mixture", action="store_true", help="also score class_mahalanobis_mixture (slower)")
     ood.set_defaults(func=_bench_ood)
+    from covguard.bench.shortcut import add_shortcut_arguments, run_shortcut_cli
+    from covguard.heatmap import add_heatmap_arguments, run_heatmap_cli
+
+    shortcut = bench.add_parser("shortcut", help="shortcut-shift benchmark: a spurious marker learned, then moved or removed")
+    add_shortcut_arguments(shortcut).set_defaults(func=run_shortcut_cli)
+    heatmap = sub.add_parser("heatmap", help="overlay per-patch distances of each layer on images (one PNG per image)")
+    add_heatmap_arguments(heatmap).set_defaults(func=run_heatmap_cli)
     return parser
 
 

@@ -28,6 +28,7 @@ from covguard.bench.common import accuracy, fit_on_train, format_mean_std, load_
 from covguard.data.registry import load_set
 from covguard.detectors.multi import score_detectors
 from covguard.metrics import evaluate
+from covguard.html_report import add_html_report
 from covguard.report import markdown_table, plot_histograms, plot_roc, write_json
 
 __all__ = ["AdversarialConfig", "run_adversarial", "render_markdown"]
@@ -172,6 +173,7 @@ def run_adversarial(root: str | Path, out: str | Path, config: AdversarialConfig
     write_json(results, out / "results.json")
     _plots(first_raw, out, config.models[0])
     (out / "results.md").write_text(render_markdown(results))
+    add_html_report(out)
     return results
 
 

@@ -28,6 +28,7 @@ from covguard.detectors import ClassMahalanobis, Detector, PatchMahalanobis, Sim
 from covguard.detectors.baselines import BASELINES
 from covguard.metrics import DetectionMetrics, evaluate
 from covguard.models import SmallCNN
+from covguard.html_report import add_html_report
 from covguard.report import markdown_table, plot_histograms, plot_roc, write_json
 from covguard.train import evaluate_accuracy, train_classifier
 
@@ -198,6 +199,7 @@ def run_demo(out: str | Path, config: DemoConfig = DemoConfig()) -> DemoResult:
     )
     write_json(result, out / "results.json")
     (out / "results.md").write_text(render_markdown(result))
+    add_html_report(out)
     return result
 
 

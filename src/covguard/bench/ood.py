@@ -29,6 +29,7 @@ from covguard.data.registry import load_set
 from covguard.data.synthetic import gaussian_noise, uniform_noise
 from covguard.detectors.multi import score_detectors
 from covguard.metrics import evaluate, fpr_at_95tpr_ood_positive
+from covguard.html_report import add_html_report
 from covguard.report import markdown_table, plot_histograms, plot_roc, write_json
 
 __all__ = ["OODConfig", "run_ood", "render_markdown", "NEAR", "FAR", "SYNTHETIC"]
@@ -151,6 +152,7 @@ def run_ood(root: str | Path, out: str | Path, config: OODConfig = OODConfig()) 
         plot_histograms(*curves[HEADLINE], out / f"hist_{set_name}.png", label_in="CIFAR-10 test", label_out=set_name,
                         title=f"{config.models[0]} {HEADLINE}")
     (out / "results.md").write_text(render_markdown(results))
+    add_html_report(out)
     return results
 
 

@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
-from torch import Tensor
 from torch.utils.data import TensorDataset
 
 __all__ = ["DigitsSplit", "load_digits_split"]
