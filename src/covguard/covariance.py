@@ -7,12 +7,20 @@ Every estimator turns moments (``n``, mean, scatter of K groups, float64) into a
 
 so that one scorer (``covguard.patches``) serves every form:
 
-- ``full``: eigenvectors ``proj = V`` and ``gain = 1 / l`` of ``cov = V diag(l) V^T``, no diag.
+- ``full``: whitening by the Cholesky factor ``cov = L L^T``: ``d2 = ||L^-1 (p - mean)||^2``, i.e.
+  ``proj`` = the columns of ``L^-T`` scaled to unit norm and ``gain`` = their squared norms, no
+  diag. ``proj`` is upper triangular, which the convolution scorer exploits (about half the
+  multiply-adds of a dense ``D x D`` kernel), and the factorization costs a fraction of an
+  eigendecomposition (D = 4608: about 2 s instead of 100 s). A covariance too close to singular
+  for Cholesky (no ridge) falls back to eigenvectors ``proj = V``, ``gain = 1 / l`` (floored).
 - ``diag``: ``diag = 1 / var``, no proj.
 - ``lowrank`` (probabilistic PCA, Tipping & Bishop 1999): top-``k`` eigenpairs ``U, l`` and the
   isotropic residual ``s2`` (mean of the other eigenvalues):
   ``P = U diag(1/l - 1/s2) U^T + I / s2``, i.e. ``proj = U``, ``gain = 1/l - 1/s2`` (<= 0) and
-  ``diag = 1/s2``. With ``k = D`` there is no residual and it equals ``full``.
+  ``diag = 1/s2``, with ``s2 = (tr(cov) - sum(l)) / (D - k)``. With ``k = D`` there is no residual
+  and it equals ``full``. For large ``D`` the top ``k`` eigenpairs come from a block subspace
+  iteration (Rayleigh-Ritz, converged to a residual of ``1e-9`` of the largest eigenvalue), not a
+  full eigendecomposition.
 
 Regularization happens on the covariance before factorization: ``ridge`` adds
 ``eps * tr(S) / D * I`` (relative ridge), ``oas`` uses the Oracle Approximating Shrinkage of
@@ -21,7 +29,8 @@ Chen et al. (2010) exactly as ``sklearn.covariance.oas`` computes it from the ML
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -29,6 +38,8 @@ from torch import Tensor
 from covguard.stats import Moments
 
 __all__ = ["QuadraticForm", "CovarianceConfig", "regularize", "oas_shrinkage", "quadratic_form", "COVARIANCE_FORMS"]
+
+logger = logging.getLogger(__name__)
 
 COVARIANCE_FORMS = ("full", "diag", "lowrank")
 SHRINKAGE = ("ridge", "oas")
@@ -42,7 +53,8 @@ class QuadraticForm:
     ----------
     mean : Tensor of shape (K, D)
     proj : Tensor of shape (K, D, r) or None
-        Orthonormal projection directions.
+        Unit-norm projection directions: orthonormal eigenvectors (``lowrank``, and ``full``
+        when Cholesky fails), or the upper-triangular columns of ``L^-T`` (``full``).
     gain : Tensor of shape (K, r) or None
         Signed weight of each squared projection (present exactly when ``proj`` is).
     diag : Tensor of shape (K, D) or None
@@ -53,6 +65,8 @@ class QuadraticForm:
     proj: Tensor | None
     gain: Tensor | None
     diag: Tensor | None
+    # Derived objects built once per form (group views, convolution kernels); not state.
+    _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> QuadraticForm:
         """Copy with tensors converted to ``dtype`` / moved to ``device``."""
@@ -63,12 +77,15 @@ class QuadraticForm:
         return QuadraticForm(conv(self.mean), conv(self.proj), conv(self.gain), conv(self.diag))
 
     def group(self, k: int) -> QuadraticForm:
-        """The form of group ``k`` alone (K = 1)."""
+        """The form of group ``k`` alone (K = 1), a view; the same object on every call."""
 
         def pick(t: Tensor | None) -> Tensor | None:
             return None if t is None else t[k : k + 1]
 
-        return QuadraticForm(self.mean[k : k + 1], pick(self.proj), pick(self.gain), pick(self.diag))
+        key = ("group", k)
+        if key not in self._cache:
+            self._cache[key] = QuadraticForm(self.mean[k : k + 1], pick(self.proj), pick(self.gain), pick(self.diag))
+        return self._cache[key]
 
     def distance_sq(self, p: Tensor) -> Tensor:
         """Squared distance of plain vectors, row-wise (no convolution).
@@ -184,12 +201,73 @@ def quadratic_form(moments: Moments, config: CovarianceConfig) -> QuadraticForm:
     if config.form == "diag":
         var = _floor(torch.diagonal(cov, dim1=-2, dim2=-1), cov)  # (K, D)
         return QuadraticForm(moments.mean, None, None, 1.0 / var)
-    evals, evecs = torch.linalg.eigh(cov)  # ascending: (K, D), (K, D, D)
-    evals = _floor(evals, cov)
     if config.form == "full" or config.rank >= D:
-        return QuadraticForm(moments.mean, evecs, 1.0 / evals, None)
+        proj, gain = _whitening(cov)
+        return QuadraticForm(moments.mean, proj, gain, None)
     k = config.rank
-    top_vals, top_vecs = evals[:, D - k :], evecs[:, :, D - k :]  # (K, k), (K, D, k)
-    s2 = evals[:, : D - k].mean(-1)  # (K,) isotropic residual variance
+    top_vals, top_vecs = _top_eigenpairs(cov, k)  # (K, k), (K, D, k)
+    top_vals = _floor(top_vals, cov)
+    trace = torch.diagonal(cov, dim1=-2, dim2=-1).sum(-1)  # (K,)
+    s2 = _floor((trace - top_vals.sum(-1)) / (D - k), cov)  # (K,) isotropic residual: mean of the other eigenvalues
     gain = 1.0 / top_vals - 1.0 / s2[:, None]  # (K, k), <= 0: top directions are down-weighted
     return QuadraticForm(moments.mean, top_vecs, gain, (1.0 / s2)[:, None].expand(-1, D).clone())
+
+
+def _whitening(cov: Tensor) -> tuple[Tensor, Tensor]:
+    """Unit-norm ``proj`` (K, D, D) and ``gain`` (K, D) with ``proj diag(gain) proj^T = cov^-1``.
+
+    Cholesky ``cov = L L^T``: ``cov^-1 = L^-T L^-1``, so the columns of ``L^-T`` (upper
+    triangular), scaled to unit norm, with their squared norms as gains. Groups whose smallest
+    pivot falls below the eigenvalue floor (near-singular, no ridge) use the floored
+    eigendecomposition instead.
+    """
+    K, D, _ = cov.shape
+    L, info = torch.linalg.cholesky_ex(cov)  # (K, D, D) lower
+    pivots = torch.diagonal(L, dim1=-2, dim2=-1) ** 2  # (K, D)
+    floor = _floor(torch.zeros_like(pivots[:, :1]), cov) * 1e4  # (K, 1): 1e-8 of the mean variance
+    ok = (info == 0) & (pivots >= floor).all(-1)  # (K,)
+    eye = torch.eye(D, dtype=cov.dtype, device=cov.device).expand(K, D, D)
+    inv_l = torch.linalg.solve_triangular(torch.where(ok[:, None, None], L, eye), eye, upper=False)  # (K, D, D) L^-1
+    norms = torch.linalg.vector_norm(inv_l, dim=-1)  # (K, D): norm of each row of L^-1
+    proj = inv_l.mT / norms[:, None, :]  # (K, D, D): unit columns of L^-T
+    gain = norms**2
+    if not ok.all():
+        bad = (~ok).nonzero().flatten()
+        evals, evecs = torch.linalg.eigh(cov[bad])  # (b, D), (b, D, D)
+        proj[bad], gain[bad] = evecs, 1.0 / _floor(evals, cov[bad])
+    return proj, gain
+
+
+# Dimensions above which the top eigenpairs come from subspace iteration instead of ``eigh``.
+_EIGH_MAX_DIM = 1536
+
+
+def _top_eigenpairs(cov: Tensor, k: int, *, tol: float = 1e-9, max_iter: int = 200) -> tuple[Tensor, Tensor]:
+    """The ``k`` largest eigenvalues (K, k) ascending and their eigenvectors (K, D, k).
+
+    ``eigh`` for ``D <= _EIGH_MAX_DIM``; above, block subspace iteration with Rayleigh-Ritz on
+    ``b = 2k + 16`` vectors, until every Ritz residual ``||cov v - l v||`` is below
+    ``tol * l_max`` (falls back to ``eigh`` if that takes more than ``max_iter`` iterations).
+    Costs ``O(D^2 b)`` per iteration instead of the ``O(D^3)`` of a full decomposition.
+    """
+    K, D, _ = cov.shape
+    b = min(D, 2 * k + 16)
+    if D <= _EIGH_MAX_DIM or b >= D // 2:
+        evals, evecs = torch.linalg.eigh(cov)  # ascending: (K, D), (K, D, D)
+        return evals[:, D - k :], evecs[:, :, D - k :]
+    gen = torch.Generator(device=cov.device).manual_seed(0)
+    q = torch.linalg.qr(torch.randn(K, D, b, generator=gen, dtype=cov.dtype, device=cov.device))[0]  # (K, D, b)
+    for it in range(max_iter):
+        z = cov @ q  # (K, D, b)
+        t = q.mT @ z  # (K, b, b) Rayleigh quotient
+        vals, vecs = torch.linalg.eigh((t + t.mT) / 2)  # ascending
+        vals, vecs = vals[:, b - k :], vecs[:, :, b - k :]  # (K, k), (K, b, k)
+        ritz = q @ vecs  # (K, D, k)
+        residual = torch.linalg.vector_norm(z @ vecs - ritz * vals[:, None, :], dim=1)  # (K, k)
+        if (residual <= tol * vals[:, -1:].abs()).all():
+            logger.debug("top-%d eigenpairs of D=%d converged in %d subspace iterations", k, D, it + 1)
+            return vals, ritz
+        q = torch.linalg.qr(z)[0]
+    logger.info("subspace iteration for the top-%d eigenpairs of D=%d did not converge; using eigh", k, D)
+    evals, evecs = torch.linalg.eigh(cov)
+    return evals[:, D - k :], evecs[:, :, D - k :]

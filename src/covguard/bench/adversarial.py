@@ -164,16 +164,16 @@ def run_adversarial(root: str | Path, out: str | Path, config: AdversarialConfig
     out.mkdir(parents=True, exist_ok=True)
     train = load_set("cifar10_train", root, progress=config.progress)
     test = load_set("cifar10_test", root, progress=config.progress)
-    per_model, first_raw = {}, None
-    for name in config.models:
+    results: dict = {"config": asdict(config), "models": {}}
+    for index, name in enumerate(config.models):
         run = _run_model(name, config, root, train, test)
-        per_model[name] = run["result"]
-        first_raw = first_raw or run["raw"]
-    results = {"config": asdict(config), "models": per_model}
-    write_json(results, out / "results.json")
-    _plots(first_raw, out, config.models[0])
-    (out / "results.md").write_text(render_markdown(results))
-    add_html_report(out)
+        results["models"][name] = run["result"]
+        if index == 0:
+            _plots(run["raw"], out, name)
+        # Written after every checkpoint, so a long run leaves a usable report at any point.
+        write_json(results, out / "results.json")
+        (out / "results.md").write_text(render_markdown(results))
+        add_html_report(out)
     return results
 
 

@@ -546,6 +546,7 @@ def run_timing(
     channels_last: bool = True,
     fit: bool = True,
     fit_batches: tuple[int, int] | None = None,
+    fit_batch_size: int = 256,
     memory: bool = True,
     memory_images: Sequence[int] | None = None,
     memory_classes: Sequence[int] = (10, 100),
@@ -576,7 +577,9 @@ def run_timing(
     fit, memory : bool
         Include the fit-throughput and the peak-memory measurements.
     fit_batches : (int, int), optional
-        Loader sizes (batches of 256) whose fit times are differenced; default (1, 5), quick (1, 3).
+        Loader sizes (in batches) whose fit times are differenced; default (1, 5), quick (1, 3).
+    fit_batch_size : int
+        Batch size of the fit measurement.
     memory_images : sequence of int, optional
         Data sizes of the memory measurements; default (1000, 10000), quick (250, 1000).
     memory_classes : sequence of int
@@ -592,6 +595,8 @@ def run_timing(
     """
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1; got {repeats}")
+    if fit_batches is not None and not 1 <= fit_batches[0] < fit_batches[1]:
+        raise ValueError(f"fit_batches must be two loader sizes 1 <= small < large; got {fit_batches}")
     if not batch_sizes or min(batch_sizes) < 1:
         raise ValueError(f"batch_sizes must be positive integers; got {list(batch_sizes)}")
     unknown = [m for m in models if m not in MODEL_LAYERS]
@@ -618,6 +623,7 @@ def run_timing(
             "quick": quick,
             "detectors": [s.name for s in specs],
             "fit_batches": list(fit_batches),
+            "fit_batch_size": fit_batch_size,
             "memory_images": list(memory_images),
             "memory_classes": list(memory_classes),
             "basis_rank": basis_rank,
@@ -629,7 +635,7 @@ def run_timing(
         model = _make_model(model_name, device, channels_last)
         result.scoring += _time_scoring(model_name, model, specs, batch_sizes, repeats, device, channels_last, progress)
         if fit:
-            result.fit += _time_fit(model_name, model, 256, fit_batches, max(1, min(repeats, 3)), device, channels_last)
+            result.fit += _time_fit(model_name, model, fit_batch_size, fit_batches, max(1, min(repeats, 3)), device, channels_last)
     if memory:
         result.memory = _measure_memory(memory_images, memory_classes, basis_rank, progress)
     result.environment["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
