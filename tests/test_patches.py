@@ -74,3 +74,50 @@ def test_lowrank_full_rank_conv_equals_full_conv():
     qf_low = random_form(18, 2, "lowrank", 18, seed=5)
     feats = torch.randn(3, 2, 5, 5, dtype=torch.float64)
     torch.testing.assert_close(patch_mahalanobis_sq(feats, qf_low), patch_mahalanobis_sq(feats, qf_full), rtol=1e-10, atol=1e-10)
+
+
+# ---- fast paths: kernels built once, triangular full forms, shift skipped, strided unfold --------
+
+
+def test_kernels_are_cached_on_the_form_and_group_views():
+    qf = random_form(18, 3, "lowrank", 4, seed=1)
+    from covguard.patches import patch_kernels
+
+    assert patch_kernels(qf) is patch_kernels(qf)
+    assert qf.group(1) is qf.group(1)
+    feats = torch.randn(2, 2, 5, 5, dtype=torch.float64)
+    torch.testing.assert_close(patch_mahalanobis_sq(feats, qf.group(1))[:, 0], patch_mahalanobis_sq(feats, qf)[:, 1], rtol=1e-10, atol=1e-10)
+
+
+def test_full_form_is_triangular_and_convolves_channel_prefixes():
+    """Cholesky whitening: each chunk of output channels reads only the channels its columns touch."""
+    from covguard.patches import _TRIANGULAR_CHUNKS, patch_kernels
+
+    C = 8
+    qf = random_form(9 * C, 1, "full", 1, seed=2)
+    assert torch.equal(qf.proj[0].tril(-1), torch.zeros_like(qf.proj[0]))  # upper triangular
+    torch.testing.assert_close(torch.linalg.vector_norm(qf.proj, dim=1), torch.ones(1, 9 * C, dtype=torch.float64))
+    cins = [conv.cin for conv in patch_kernels(qf).convs]
+    assert len(cins) == _TRIANGULAR_CHUNKS and cins == sorted(cins) and cins[0] < C and cins[-1] == C
+
+
+@pytest.mark.parametrize("form, rank", [("diag", 1), ("lowrank", 3)])
+def test_float32_small_mean_skips_the_shift_and_large_mean_keeps_it(form, rank):
+    from covguard.patches import patch_kernels
+
+    C = 3
+    for offset, shifted in ((0.0, False), (1e4, True)):
+        qf = random_form(9 * C, 1, form, rank, seed=0, offset=offset)
+        assert (patch_kernels(qf.to(torch.float32)).offset is not None) == shifted
+        feats = qf.mean[0].reshape(C, 3, 3)[None].repeat(4, 1, 2, 2) + torch.randn(4, C, 6, 6, dtype=torch.float64)
+        ref = patch_mahalanobis_sq(feats, qf)
+        got = patch_mahalanobis_sq(feats.float(), qf.to(torch.float32))
+        torch.testing.assert_close(got.double(), ref, rtol=1e-3, atol=1e-2)
+
+
+@pytest.mark.parametrize("N, C, H, W, k, padding", [(5, 3, 9, 7, 3, 0), (4, 2, 6, 6, 3, 1), (6, 4, 8, 8, 1, 0), (3, 2, 12, 11, 5, 2)])
+def test_patch_vectors_equal_torch_unfold(N, C, H, W, k, padding):
+    feats = torch.randn(N, C, H, W, generator=torch.Generator().manual_seed(N + C))
+    ref = torch.nn.functional.unfold(feats, k, padding=padding).transpose(1, 2)  # (N, L, D)
+    got = patch_vectors(feats, kernel_size=k, padding=padding)
+    assert got.is_contiguous() and torch.equal(got, ref)

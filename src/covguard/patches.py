@@ -57,6 +57,10 @@ def output_size(size: int, kernel_size: int, padding: int) -> int:
 def patch_vectors(feats: Tensor, *, kernel_size: int = 3, padding: int = 0) -> Tensor:
     """All ``kernel_size x kernel_size`` patches as vectors (explicit unfold).
 
+    Laid out as :func:`torch.nn.functional.unfold` orders them, but built from a strided view in
+    one copy: ``F.unfold`` loops over the batch in parallel regions of one image each, which
+    costs far more than the copy when the machine is busy.
+
     Parameters
     ----------
     feats : Tensor of shape (N, C, H, W)
@@ -67,10 +71,14 @@ def patch_vectors(feats: Tensor, *, kernel_size: int = 3, padding: int = 0) -> T
     Returns
     -------
     Tensor of shape (N, L, D)
-        ``L = H' W'`` patch positions in row-major order, ``D = C kernel_size^2``.
+        Contiguous; ``L = H' W'`` patch positions in row-major order, ``D = C kernel_size^2``.
     """
-    cols = F.unfold(feats, kernel_size, padding=padding)  # (N, D, L)
-    return cols.transpose(1, 2)  # (N, L, D)
+    if padding:
+        feats = F.pad(feats, (padding,) * 4)
+    N, C = feats.shape[:2]
+    windows = feats.unfold(2, kernel_size, 1).unfold(3, kernel_size, 1)  # (N, C, H', W', k, k) view
+    H2, W2 = windows.shape[2:4]
+    return windows.permute(0, 2, 3, 1, 4, 5).reshape(N, H2 * W2, C * kernel_size * kernel_size).contiguous()  # (N, L, D)
 
 
 @dataclass(frozen=True)
@@ -288,3 +296,4 @@ def patch_mahalanobis_sq(feats: Tensor, form: QuadraticForm, *, kernel_size: int
             norm = torch.linalg.vector_norm(z if hi - lo == z.shape[1] else z[:, lo:hi], dim=1)  # (N, H', W')
             out[:, k].add_(norm.square_(), alpha=sign)
     return out.clamp_min_(0.0)  # (N, K, H', W')
+

@@ -100,7 +100,9 @@ def test_fit_is_invariant_to_batch_size(tiny_model, images):
     x, y = images
     a = cg.SimpleMahalanobis(tiny_model, layers=["block2"]).fit(loader(x, y, 1), progress=False)
     b = cg.SimpleMahalanobis(tiny_model, layers=["block2"]).fit(loader(x, y, 240), progress=False)
-    torch.testing.assert_close(a.score(x[:10]), b.score(x[:10]), rtol=1e-5, atol=0)
+    # Batches are reduced in float32 (merged in float64): ~1e-6 relative in the statistics,
+    # amplified by the precision's conditioning into the scores.
+    torch.testing.assert_close(a.score(x[:10]), b.score(x[:10]), rtol=1e-4, atol=0)
 
 
 def test_score_map_shapes_and_max_aggregate(tiny_model, images):
