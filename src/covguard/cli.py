@@ -1,4 +1,4 @@
-"""Command-line interface: ``covguard demo``, ``score``, ``heatmap``, ``bench adversarial|ood|shortcut``."""
+"""Command-line interface: ``covguard demo``, ``score``, ``heatmap``, ``bench adversarial|ood|shortcut|timing``."""
 
 from __future__ import annotations
 
@@ -129,9 +129,10 @@ def _bench_adversarial(args: argparse.Namespace) -> int:
         steps=args.steps, igm_scales=args.igm_scales, n_images=args.n_images, n_holdout=args.n_holdout,
         max_train=args.max_train, covariance=args.covariance, baselines=tuple(args.baselines), seed=args.seed,
         batch_size=args.batch_size, device=args.device, progress=not args.no_progress,
+        sweep_eps=tuple(e / 255 for e in args.sweep_eps), sweep_attacks=tuple(args.sweep_attacks),
     )
     tic = time.perf_counter()
-    run_adversarial(_data_root(args.data), args.out, config)
+    run_adversarial(_data_root(args.data), args.out, config, resume=args.resume)
     print((Path(args.out) / "results.md").read_text())
     print(f"Report written to {args.out} in {time.perf_counter() - tic:.1f} s")
     return 0
@@ -216,6 +217,12 @@ def build_parser() -> argparse.ArgumentParser:
     adv.add_argument("--steps", type=int, default=10, help="iterations of PGD, PGD-L2 and IGM")
     adv.add_argument("--igm-scales", type=int, default=8, help="input scales per integrated gradient")
     adv.add_argument("--n-images", type=int, default=1000, help="clean test images drawn (seeded)")
+    adv.add_argument("--sweep-eps", type=float, nargs="*", default=[], metavar="EPS",
+                     help="also attack at these L-inf budgets in pixel levels /255 (e.g. 1 2 4 8 16)")
+    adv.add_argument("--sweep-attacks", nargs="+", choices=("fgsm", "bim", "pgd", "igm"), default=["fgsm", "bim", "pgd"],
+                     help="attacks run at every --sweep-eps budget")
+    adv.add_argument("--resume", action="store_true",
+                     help="keep the checkpoints already in --out/results.json (same settings) and run the others")
     adv.set_defaults(func=_bench_adversarial)
     ood = bench.add_parser("ood", help="OOD detection on CIFAR-10: near CIFAR-100/TIN, far MNIST (OpenOOD v1.5 style)")
     _add_bench_common(ood, "results/ood")
@@ -228,6 +235,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     shortcut = bench.add_parser("shortcut", help="shortcut-shift benchmark: a spurious marker learned, then moved or removed")
     add_shortcut_arguments(shortcut).set_defaults(func=run_shortcut_cli)
+    from covguard.bench.timing import add_timing_arguments
+    from covguard.bench.timing import main as run_timing_cli
+
+    timing = bench.add_parser("timing", help="scoring overhead next to the bare forward, fit throughput, peak fit memory")
+    add_timing_arguments(timing).set_defaults(func=run_timing_cli)
     heatmap = sub.add_parser("heatmap", help="overlay per-patch distances of each layer on images (one PNG per image)")
     add_heatmap_arguments(heatmap).set_defaults(func=run_heatmap_cli)
     return parser

@@ -1,6 +1,7 @@
 """Reduced adversarial benchmark on the real shared data (skipped when it is absent)."""
 
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -19,12 +20,13 @@ def reduced_run(tmp_path_factory):
     cfg = AdversarialConfig(
         models=("resnet20",), attacks=("fgsm", "pgd", "igm"), n_images=60, n_holdout=200, max_train=600,
         steps=3, igm_scales=2, baselines=("msp", "energy", "mds"), progress=False,
+        sweep_eps=(1 / 255, 16 / 255), sweep_attacks=("fgsm", "pgd"),
     )
-    return run_adversarial(root, out, cfg), out
+    return run_adversarial(root, out, cfg), out, cfg
 
 
 def test_report_files_and_protocol(reduced_run):
-    results, out = reduced_run
+    results, out, _ = reduced_run
     model = results["models"]["resnet20"]
     assert 0.75 < model["test_accuracy"] < 0.9  # README of the data: 81.0 % on the JPEG test set
     assert model["n_fit"] == 600 and model["n_holdout"] == 200
@@ -57,3 +59,23 @@ def test_cli_refuses_missing_data_root(monkeypatch):
     monkeypatch.delenv("COVGUARD_DATA", raising=False)
     with pytest.raises(SystemExit, match="--data must be a folder"):
         main(["bench", "adversarial", "--data", "/nonexistent/covguard-data"])
+
+
+def test_budget_sweep_rises_with_eps_and_is_tabled(reduced_run):
+    results, out, _ = reduced_run
+    sweep = results["models"]["resnet20"]["sweep"]
+    assert list(sweep) == ["1", "16"] and set(sweep["1"]) == {"fgsm", "pgd"}
+    for attack in ("fgsm", "pgd"):
+        assert sweep["16"][attack]["success_rate"] > sweep["1"][attack]["success_rate"]
+    # 16/255 PGD moves features far more than 1/255 PGD: the patch detector sees it better.
+    assert sweep["16"]["pgd"]["auroc"]["simple_mahalanobis"] > sweep["1"]["pgd"]["auroc"]["simple_mahalanobis"]
+    table = (out / "results.md").read_text()
+    assert "## AUROC against the L-inf budget" in table and "### pgd" in table and "| attack success |" in table
+
+
+def test_resume_keeps_finished_checkpoints_and_refuses_other_settings(reduced_run):
+    results, out, cfg = reduced_run
+    again = run_adversarial(data_root(), out, cfg, resume=True)
+    assert again["models"]["resnet20"]["seconds"] == results["models"]["resnet20"]["seconds"]  # not rerun
+    with pytest.raises(ValueError, match="other settings \\(n_images\\)"):
+        run_adversarial(data_root(), out, replace(cfg, n_images=61), resume=True)

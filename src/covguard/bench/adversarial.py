@@ -10,18 +10,22 @@ Protocol (issue 3, DESIGN.md section 4):
   ``mix`` assigns each clean image to one attack (seeded round robin) and keeps its adversarial.
 - Budgets are in [0, 1] pixel units; models normalize internally, so the budget never sees
   the normalization.
+- Optional budget sweep (``sweep_eps``): the same clean images attacked again at each L-inf
+  budget with ``sweep_attacks``, scored by the same fitted detectors.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from covguard.attacks import ATTACKS, success_mask
 from covguard.bench.common import accuracy, fit_on_train, format_mean_std, load_cifar_model, mean_std, predict
@@ -58,6 +62,12 @@ class AdversarialConfig:
     batch_size: int = 256
     device: str = "cpu"
     progress: bool = True
+    sweep_eps: tuple[float, ...] = ()  # extra L-inf budgets (pixels in [0, 1]) for the budget sweep
+    sweep_attacks: tuple[str, ...] = ("fgsm", "bim", "pgd")  # L-inf attacks run at every sweep budget
+
+
+# Config fields that may differ between a saved report and a resumed run.
+_RESUMABLE = {"models", "progress", "device", "batch_size", "sweep_eps", "sweep_attacks"}
 
 
 def _attack(name: str, model: nn.Module, cfg: AdversarialConfig, gen: torch.Generator):
@@ -72,9 +82,10 @@ def _attack(name: str, model: nn.Module, cfg: AdversarialConfig, gen: torch.Gene
     return ATTACKS[name](model, eps=cfg.eps, alpha=2.5 * cfg.eps / cfg.steps, steps=cfg.steps, m=cfg.igm_scales, generator=gen)
 
 
-def _craft(attack, x: Tensor, y: Tensor, batch_size: int, device: str) -> Tensor:
-    out = [attack(x[i : i + batch_size].to(device), y[i : i + batch_size].to(device)).cpu() for i in range(0, len(x), batch_size)]
-    return torch.cat(out)
+def _craft(attack, x: Tensor, y: Tensor, cfg: AdversarialConfig, desc: str) -> Tensor:
+    starts = tqdm(range(0, len(x), cfg.batch_size), desc=desc, unit="batch", disable=not cfg.progress, leave=False)
+    bs, device = cfg.batch_size, cfg.device
+    return torch.cat([attack(x[i : i + bs].to(device), y[i : i + bs].to(device)).cpu() for i in starts])
 
 
 def _run_model(name: str, cfg: AdversarialConfig, root: Path, train, test) -> dict:
@@ -100,7 +111,7 @@ def _run_model(name: str, cfg: AdversarialConfig, root: Path, train, test) -> di
     adversarials, success = {}, {}
     for attack_name in cfg.attacks:
         attack = _attack(attack_name, model, cfg, torch.Generator().manual_seed(cfg.seed))
-        adversarials[attack_name] = _craft(attack, x, y, cfg.batch_size, cfg.device)
+        adversarials[attack_name] = _craft(attack, x, y, cfg, f"{name} {attack_name}")
         success[attack_name] = success_mask(model, adversarials[attack_name].to(cfg.device), y.to(cfg.device)).cpu()
     assign = torch.randperm(len(x), generator=torch.Generator().manual_seed(cfg.seed)) % len(cfg.attacks)  # (n,)
     stacked = torch.stack([adversarials[a] for a in cfg.attacks])  # (A, n, C, H, W)
@@ -126,6 +137,10 @@ def _run_model(name: str, cfg: AdversarialConfig, root: Path, train, test) -> di
                 layer_auroc[attack_name][det_name] = {k: evaluate(l_in[k][ok], l_out[k]).auroc for k in l_in}
                 raw[attack_name][f"{det_name}/layers"] = {k: (l_in[k][ok], l_out[k]) for k in l_in}
     seconds["score"] = time.perf_counter() - tic
+    tic = time.perf_counter()
+    sweep = _sweep(name, model, detectors, x, y, clean_scores, cfg)
+    if sweep:
+        seconds["sweep"] = time.perf_counter() - tic
     result = {
         "test_accuracy": test_accuracy,
         "n_clean_correct": int(correct.sum()),
@@ -135,11 +150,34 @@ def _run_model(name: str, cfg: AdversarialConfig, root: Path, train, test) -> di
         "metrics": metrics,
         "layer_auroc": layer_auroc,
         "seconds": seconds,
+        **({"sweep": sweep} if sweep else {}),
     }
     return {"result": result, "raw": raw}
 
 
-def run_adversarial(root: str | Path, out: str | Path, config: AdversarialConfig = AdversarialConfig()) -> dict:
+def _sweep(name: str, model: nn.Module, detectors: dict, x: Tensor, y: Tensor, clean_scores: dict, cfg: AdversarialConfig) -> dict:
+    """``{eps/255 label: {attack: {"success_rate", "auroc": {detector: AUROC}}}}`` over ``cfg.sweep_eps``."""
+    sweep: dict = {}
+    for eps in cfg.sweep_eps:
+        label = f"{eps * 255:g}"
+        sweep[label] = {}
+        for attack_name in cfg.sweep_attacks:
+            attack = _attack(attack_name, model, replace(cfg, eps=eps), torch.Generator().manual_seed(cfg.seed))
+            x_adv = _craft(attack, x, y, cfg, f"{name} {attack_name} eps {label}/255")
+            ok = success_mask(model, x_adv.to(cfg.device), y.to(cfg.device)).cpu()
+            entry = {"success_rate": ok.float().mean().item(), "n_success": int(ok.sum()), "auroc": {}}
+            if ok.sum() >= 2:
+                adv_scores = score_detectors(detectors, x_adv[ok], batch_size=cfg.batch_size)
+                entry["auroc"] = {d: evaluate(clean_scores[d][0][ok], adv_scores[d][0]).auroc for d in detectors}
+            else:
+                logger.warning("%s: %s at eps %s/255 succeeded on %d images; not scored", name, attack_name, label, int(ok.sum()))
+            sweep[label][attack_name] = entry
+    return sweep
+
+
+def run_adversarial(
+    root: str | Path, out: str | Path, config: AdversarialConfig = AdversarialConfig(), *, resume: bool = False
+) -> dict:
     """Run the benchmark on every configured checkpoint and write the report folder.
 
     Parameters
@@ -150,6 +188,9 @@ def run_adversarial(root: str | Path, out: str | Path, config: AdversarialConfig
         Report folder: ``results.json``, ``results.md``, ``roc_<attack>.png``,
         ``hist_<attack>.png``.
     config : AdversarialConfig
+    resume : bool
+        Keep the checkpoints already in ``out/results.json`` (written with the same settings,
+        apart from models, device, batch size and progress) and run only the missing ones.
 
     Returns
     -------
@@ -159,22 +200,43 @@ def run_adversarial(root: str | Path, out: str | Path, config: AdversarialConfig
     root, out = Path(root), Path(out)
     if not 0 < config.eps:
         raise ValueError(f"eps must be > 0; got {config.eps}")
+    if any(not 0 < e for e in config.sweep_eps):
+        raise ValueError(f"sweep_eps must all be > 0; got {config.sweep_eps}")
+    if unknown := set(config.sweep_attacks) - {"fgsm", "bim", "pgd", "igm"}:
+        raise ValueError(f"sweep_attacks must be L-inf attacks (fgsm, bim, pgd, igm); got {sorted(unknown)}")
     if not config.attacks:
         raise ValueError("attacks must name at least one attack")
     out.mkdir(parents=True, exist_ok=True)
     train = load_set("cifar10_train", root, progress=config.progress)
     test = load_set("cifar10_test", root, progress=config.progress)
     results: dict = {"config": asdict(config), "models": {}}
-    for index, name in enumerate(config.models):
+    if resume:
+        results["models"] = _resumable_models(out / "results.json", config)
+    for name in config.models:
+        if name in results["models"]:
+            logger.info("%s: kept from %s (resume)", name, out / "results.json")
+            continue
         run = _run_model(name, config, root, train, test)
         results["models"][name] = run["result"]
-        if index == 0:
+        if name == config.models[0]:
             _plots(run["raw"], out, name)
         # Written after every checkpoint, so a long run leaves a usable report at any point.
         write_json(results, out / "results.json")
         (out / "results.md").write_text(render_markdown(results))
         add_html_report(out)
     return results
+
+
+def _resumable_models(path: Path, config: AdversarialConfig) -> dict:
+    """Per-checkpoint results of a saved report whose settings match ``config``; {} if none."""
+    if not path.exists():
+        return {}
+    saved = json.loads(path.read_text())
+    ours = json.loads(json.dumps(asdict(config)))  # tuples -> lists, as saved
+    differ = sorted(k for k in ours.keys() - _RESUMABLE if saved["config"].get(k, ours[k]) != ours[k])
+    if differ:
+        raise ValueError(f"resume: {path} was written with other settings ({', '.join(differ)}); use another --out")
+    return {name: result for name, result in saved["models"].items() if name in config.models}
 
 
 def _plots(raw: dict, out: Path, model_name: str) -> None:
@@ -258,4 +320,31 @@ def render_markdown(results: dict) -> str:
     }
     best = max(mean_auroc, key=mean_auroc.get)
     lines += [f"Highest AUROC averaged over attacks and checkpoints: {best} ({mean_auroc[best] * 100:.1f}).", ""]
-    return "\n".join(lines)
+    return "\n".join(lines + _sweep_markdown(models, detectors))
+
+
+def _sweep_markdown(models: dict, detectors: Sequence[str]) -> list[str]:
+    """One AUROC table per swept attack: detectors x L-inf budgets (mean ± std over swept checkpoints)."""
+    swept = {name: m["sweep"] for name, m in models.items() if m.get("sweep")}
+    if not swept:
+        return []
+    budgets = list(next(iter(swept.values())))
+    attacks = list(next(iter(swept.values()))[budgets[0]])
+    lines = [
+        "## AUROC against the L-inf budget",
+        "",
+        f"Checkpoints: {', '.join(swept)}; the same clean images attacked at each budget (eps in /255), "
+        "scored by the same fitted detectors.",
+        "",
+    ]
+    for attack in attacks:
+        entries = {b: [s[b][attack] for s in swept.values() if b in s] for b in budgets}
+        rows = [{"detector": "attack success", **{b: format_mean_std([e["success_rate"] for e in entries[b]]) for b in budgets}}]
+        for det in detectors:
+            row = {"detector": det}
+            for b in budgets:
+                vals = [e["auroc"][det] for e in entries[b] if det in e["auroc"]]
+                row[b] = format_mean_std(vals) if vals else None
+            rows.append(row)
+        lines += [f"### {attack}", "", markdown_table(rows, ["detector", *budgets]), ""]
+    return lines
