@@ -24,6 +24,7 @@ with PyTorch's default number of threads, after warm-up calls; CUDA timings sync
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -44,10 +45,13 @@ from tqdm.auto import tqdm
 from covguard.detectors import ClassMahalanobis, PatchMahalanobis, SimpleMahalanobis
 from covguard.features import FeatureTap
 from covguard.models import MODELS
+from covguard.patches import patch_vectors
 from covguard.report import markdown_table, write_json
 
 __all__ = [
     "DetectorSpec",
+    "add_timing_arguments",
+    "main",
     "FitTiming",
     "MemoryPeak",
     "NaiveReference",
@@ -68,7 +72,7 @@ MODEL_LAYERS: dict[str, tuple[str, ...]] = {
 FORMS: tuple[tuple[str, int], ...] = (("full", 0), ("diag", 0), ("lowrank", 16), ("lowrank", 32), ("lowrank", 64))
 KINDS: tuple[tuple[str, str], ...] = (("simple", "-"), ("class", "top1"), ("class", "mixture"))
 N_CLASSES = 10  # classes of the benchmarked models
-FIT_IMAGES = 128  # images behind the statistics of each timed detector
+FIT_IMAGES = 128  # default number of images behind the statistics of each timed detector
 TOP_M = 3  # classes mixed by the Class mixture detector
 
 
@@ -124,7 +128,7 @@ class ScoringTiming:
     naive_overhead: float | None  # the same for the naive unfold reference of this detector
     speedup_vs_naive: float | None  # naive_overhead / overhead: ratio of scoring costs
     max_rel_err_vs_naive: float | None  # max |fast - naive| / |naive| over layer scores (float32)
-    fit_seconds: float  # fit of the timed detector (FIT_IMAGES images + covariance estimation)
+    fit_seconds: float  # fit of the timed detector (fit_images images + covariance estimation)
     repeats: int
 
 
@@ -177,7 +181,7 @@ class TimingResult:
 class NaiveReference:
     """The textbook computation of a fitted patch detector's scores, for timing and agreement checks.
 
-    Every patch is unfolded into a vector ``p`` (``F.unfold``) and scored as
+    Every patch is unfolded into a vector ``p`` (:func:`~covguard.patches.patch_vectors`) and scored as
     ``(p - mu)^T P (p - mu)`` with the dense ``D x D`` precision ``P`` of its form
     (``P = proj diag(gain) proj^T + diag(diag)``), row-wise; class detectors score each image
     against the classes it weights (top-1, or the renormalized top-m probabilities).
@@ -224,7 +228,7 @@ class NaiveReference:
         cols = []
         for layer in det.layers:
             f = feats[layer].to(self.dtype)
-            p = F.unfold(f, det.kernel_size[layer], padding=det.padding[layer]).transpose(1, 2)  # (N, L, D)
+            p = patch_vectors(f, kernel_size=det.kernel_size[layer], padding=det.padding[layer])  # (N, L, D) explicit unfold
             mean, P = self.means[layer], self.precisions[layer]
             if weights is None:
                 dev = p - mean[0]  # (N, L, D)
@@ -341,11 +345,12 @@ def _time_scoring(
     repeats: int,
     device: torch.device,
     channels_last: bool,
+    fit_images: int,
     progress: bool,
 ) -> list[ScoringTiming]:
     layers = MODEL_LAYERS[model_name]
     rows: list[ScoringTiming] = []
-    fit_batches = _loader(2, FIT_IMAGES // 2, seed=1, device=device, channels_last=channels_last)
+    fit_batches = _loader(2, max(1, fit_images // 2), seed=1, device=device, channels_last=channels_last)
     holdout = [_images(32, seed=2, device=device, channels_last=channels_last)]
     naive_done: set[str] = set()
     for spec in tqdm(specs, desc=f"scoring {model_name}", disable=not progress, leave=False):
@@ -360,11 +365,11 @@ def _time_scoring(
         naive_done.add(spec.detector)
         for batch_size in batch_sizes:
             x = _images(batch_size, seed=4, device=device, channels_last=channels_last)
-            number = max(1, min(16, 64 // batch_size))  # calls per measurement for tiny batches
+            number = max(1, min(8, 64 // batch_size))  # calls per measurement for tiny batches
             forward = _timer(lambda: model(x), device, number)
-            candidates = {"detector": _timer(lambda: det.score(x), device, number)}
+            candidates = {"detector": _timer(lambda d=det: d.score(x), device, number)}
             if time_naive:
-                candidates["naive"] = _timer(lambda: naive.score(x), device, number)
+                candidates["naive"] = _timer(lambda r=naive: r.score(x), device, number)
             with torch.no_grad():
                 times, paired = _interleaved(candidates, forward, repeats, warmup=1 if batch_size >= 64 else 3)
             ratio = {name: [t / f for t, f in zip(times[name], paired[name])] for name in times}
@@ -394,7 +399,7 @@ def _time_scoring(
     for r in rows:
         r.naive_overhead = naive_of.get((r.detector, r.batch_size))
         if r.naive_overhead is not None:
-            r.speedup_vs_naive = r.naive_overhead / r.overhead if r.overhead > 0 else float("inf")
+            r.speedup_vs_naive = r.naive_overhead / r.overhead if r.overhead > 0 else None  # None: below timing noise
     return rows
 
 
@@ -407,22 +412,22 @@ def _time_fit(
     loader = _loader(large, batch_size, seed=5, device=device, channels_last=channels_last)
     holdout = [_images(2, seed=6, device=device, channels_last=channels_last)]
     rows = []
+
+    def forward_extra() -> float:
+        _sync(device)
+        tic = time.perf_counter()
+        with torch.no_grad():
+            for x, _ in loader[small:]:
+                model(x)
+        _sync(device)
+        return time.perf_counter() - tic
+
     for name, build in (
         ("simple", lambda: SimpleMahalanobis(model, layers=layers, covariance="diag")),
         ("class", lambda: ClassMahalanobis(model, layers=layers, covariance="diag")),
     ):
         fit_small = _timer(lambda: build().fit(loader[:small], holdout=holdout, progress=False), device, 1)
         fit_large = _timer(lambda: build().fit(loader, holdout=holdout, progress=False), device, 1)
-
-        def forward_extra() -> float:
-            _sync(device)
-            tic = time.perf_counter()
-            with torch.no_grad():
-                for x, _ in loader[small:]:
-                    model(x)
-            _sync(device)
-            return time.perf_counter() - tic
-
         fwd, fit = [], []
         fit_small()  # warm-up
         for _ in range(repeats):
@@ -461,7 +466,6 @@ def _memory_child() -> None:
     elif what == "class-reduced":
         from covguard.class_stats import SharedBasisClassMoments, reduced_quadratic_form
         from covguard.covariance import CovarianceConfig
-        from covguard.patches import patch_vectors
 
         acc = None
         with torch.no_grad(), FeatureTap(model, [layer]) as tap:
@@ -475,7 +479,9 @@ def _memory_child() -> None:
                     (acc.update_pooled if pass_ == 1 else acc.update)(p.reshape(-1, p.shape[-1]), w)
                 if pass_ == 1:
                     acc.fit_basis()
-        reduced_quadratic_form(acc.result(), CovarianceConfig(form="lowrank", rank=64))
+        stats = acc.result()
+        stats = stats.with_pooled(stats.empty_classes()) if stats.empty_classes() else stats
+        reduced_quadratic_form(stats, CovarianceConfig(form="lowrank", rank=64))
     else:
         raise ValueError(f"unknown memory job {what!r}")
     print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
@@ -491,7 +497,7 @@ def _peak_rss(job: dict) -> float:
 
 
 def _measure_memory(images: Sequence[int], classes: Sequence[int], rank: int, progress: bool) -> list[MemoryPeak]:
-    layer, dim, batch_size = "layer4", 512 * 9, 250
+    layer, dim, batch_size = "layer4", 512 * 9, 64  # small batches: the statistics, not the activations, set the peak
     jobs = [("simple-full", n, N_CLASSES) for n in images]
     jobs += [("class-exact", min(images), k) for k in classes if k <= 10]
     jobs += [("class-reduced", min(images), k) for k in classes]
@@ -547,6 +553,7 @@ def run_timing(
     fit: bool = True,
     fit_batches: tuple[int, int] | None = None,
     fit_batch_size: int = 256,
+    fit_images: int = FIT_IMAGES,
     memory: bool = True,
     memory_images: Sequence[int] | None = None,
     memory_classes: Sequence[int] = (10, 100),
@@ -566,8 +573,8 @@ def run_timing(
     repeats : int
         Interleaved repeats per measurement (medians are reported).
     quick : bool
-        Reduced run: full, diag and lowrank-64 only, fit on fewer batches, memory at 250 and
-        1,000 images.
+        Reduced run: full, diag and lowrank-64 only, at most 3 repeats, fit on fewer batches,
+        memory at 250 and 1,000 images.
     device : str or torch.device
         ``"cpu"`` or a CUDA device.
     detectors : sequence of str, optional
@@ -577,9 +584,11 @@ def run_timing(
     fit, memory : bool
         Include the fit-throughput and the peak-memory measurements.
     fit_batches : (int, int), optional
-        Loader sizes (in batches) whose fit times are differenced; default (1, 5), quick (1, 3).
+        Loader sizes (in batches) whose fit times are differenced; default (1, 3), quick (1, 2).
     fit_batch_size : int
         Batch size of the fit measurement.
+    fit_images : int
+        Images behind the statistics of each timed detector (two batches).
     memory_images : sequence of int, optional
         Data sizes of the memory measurements; default (1000, 10000), quick (250, 1000).
     memory_classes : sequence of int
@@ -610,8 +619,9 @@ def run_timing(
         if missing:
             raise ValueError(f"detectors must be among {sorted(known)}; got {missing}")
         specs = [known[d] for d in detectors]
-    fit_batches = fit_batches or ((1, 3) if quick else (1, 5))
+    fit_batches = fit_batches or ((1, 2) if quick else (1, 3))
     memory_images = memory_images or ((250, 1000) if quick else (1000, 10000))
+    repeats = min(repeats, 3) if quick else repeats
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tic = time.perf_counter()
@@ -621,21 +631,22 @@ def run_timing(
             "batch_sizes": list(batch_sizes),
             "repeats": repeats,
             "quick": quick,
+            "channels_last": channels_last,
             "detectors": [s.name for s in specs],
             "fit_batches": list(fit_batches),
             "fit_batch_size": fit_batch_size,
             "memory_images": list(memory_images),
             "memory_classes": list(memory_classes),
             "basis_rank": basis_rank,
-            "fit_images": FIT_IMAGES,
+            "fit_images": fit_images,
         },
         environment=_environment(device, channels_last),
     )
     for model_name in models:
         model = _make_model(model_name, device, channels_last)
-        result.scoring += _time_scoring(model_name, model, specs, batch_sizes, repeats, device, channels_last, progress)
+        result.scoring += _time_scoring(model_name, model, specs, batch_sizes, repeats, device, channels_last, fit_images, progress)
         if fit:
-            result.fit += _time_fit(model_name, model, fit_batch_size, fit_batches, max(1, min(repeats, 3)), device, channels_last)
+            result.fit += _time_fit(model_name, model, fit_batch_size, fit_batches, max(1, min(repeats, 2)), device, channels_last)
     if memory:
         result.memory = _measure_memory(memory_images, memory_classes, basis_rank, progress)
     result.environment["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
@@ -684,3 +695,46 @@ def render_markdown(result: TimingResult) -> str:
 
 def _fmt_load(load: Sequence[float] | None) -> str:
     return "n/a" if not load else "/".join(f"{v:.1f}" for v in load)
+
+
+# ---- command line (``covguard bench timing`` and ``benchmarks/timing.py``) -------------------------
+
+
+def add_timing_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the timing benchmark's options to ``parser``; returns it."""
+    parser.add_argument("--out", default="reports/timing", help="report folder (default: reports/timing)")
+    parser.add_argument("--models", nargs="+", default=["resnet18_32x32", "resnet20"], help="benchmarked models")
+    parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 64, 256], help="scoring batch sizes")
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved repeats per measurement (medians)")
+    parser.add_argument("--quick", action="store_true", help="reduced run: full, diag, lowrank-64; smaller fit and memory runs")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
+    parser.add_argument("--detectors", nargs="+", default=None, help="restrict to configurations such as simple/lowrank-64 class-top1/full")
+    parser.add_argument("--nchw", action="store_true", help="run the model in contiguous (NCHW) layout instead of channels_last")
+    parser.add_argument("--no-fit", action="store_true", help="skip the fit-throughput measurement")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    parser.add_argument("--memory-images", nargs=2, type=int, default=None, help="data sizes of the memory runs (default 1000 10000)")
+    parser.add_argument("--memory-classes", nargs="+", type=int, default=[10, 100], help="class counts of the class-statistics memory runs")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    return parser
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run the benchmark with parsed ``args``, print its tables; returns the exit status."""
+    result = run_timing(
+        args.out,
+        models=tuple(args.models),
+        batch_sizes=tuple(args.batch_sizes),
+        repeats=args.repeats,
+        quick=args.quick,
+        device=args.device,
+        detectors=args.detectors,
+        channels_last=not args.nchw,
+        fit=not args.no_fit,
+        memory=not args.no_memory,
+        memory_images=args.memory_images,
+        memory_classes=tuple(args.memory_classes),
+        progress=not args.no_progress,
+    )
+    print(render_markdown(result))
+    print(f"Report written to {args.out}")
+    return 0
