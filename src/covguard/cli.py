@@ -143,7 +143,7 @@ def _bench_ood(args: argparse.Namespace) -> int:
 
     config = OODConfig(
         models=tuple(args.models), n_holdout=args.n_holdout, max_train=args.max_train, max_eval=args.max_eval,
-        n_noise=args.n_noise, covariance=args.covariance, mixture=args.mixture, baselines=tuple(args.baselines), seed=args.seed,
+        n_noise=args.n_noise, covariance=args.covariance, mixture=args.mixture, variants=args.variants, baselines=tuple(args.baselines), seed=args.seed,
         batch_size=args.batch_size, device=args.device, progress=not args.no_progress,
     )
     tic = time.perf_counter()
@@ -229,6 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     ood.add_argument("--max-eval", type=int, default=None, help="cap on images per evaluation set (seeded subset)")
     ood.add_argument("--n-noise", type=int, default=2000, help="images per synthetic noise set")
     ood.add_argument("--mixture", action="store_true", help="also score class_mahalanobis_mixture (slower)")
+    ood.add_argument("--variants", action="store_true",
+                     help="variant sweep: covariance forms, rank, aggregation, class scoring, with the ID-only selection rule")
     ood.set_defaults(func=_bench_ood)
     from covguard.bench.shortcut import add_shortcut_arguments, run_shortcut_cli
     from covguard.heatmap import add_heatmap_arguments, run_heatmap_cli

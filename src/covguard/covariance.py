@@ -87,6 +87,30 @@ class QuadraticForm:
             self._cache[key] = QuadraticForm(self.mean[k : k + 1], pick(self.proj), pick(self.gain), pick(self.diag))
         return self._cache[key]
 
+    def logdet(self) -> Tensor:
+        """Log-determinant of each group's precision ``P = proj diag(gain) proj^T + diag(diag)``, (K,).
+
+        ``-logdet P`` is the log-determinant of the modelled covariance, the normalizer of the
+        Gaussian log-density ``-(d2 + D log 2 pi - logdet P) / 2``. Computed in float64: from the
+        diagonal alone, from ``|det proj|`` and the gains (``full``), or with the matrix
+        determinant lemma (``lowrank``: ``diag + proj diag(gain) proj^T``).
+        """
+        key = ("logdet",)
+        if key not in self._cache:
+            diag = None if self.diag is None else self.diag.double()
+            if self.proj is None:
+                out = diag.log().sum(-1)
+            else:
+                proj, gain = self.proj.double(), self.gain.double()  # (K, D, r), (K, r)
+                if diag is None:  # full: proj square
+                    out = 2 * torch.linalg.slogdet(proj)[1] + gain.log().sum(-1)
+                else:  # det(diag + V G V^T) = det(diag) det(I_r + G V^T diag^-1 V)
+                    inner = torch.einsum("kdr,kd,kds->krs", proj, 1.0 / diag, proj) * gain[:, :, None]  # (K, r, r)
+                    eye = torch.eye(proj.shape[-1], dtype=torch.float64, device=proj.device)
+                    out = diag.log().sum(-1) + torch.linalg.slogdet(eye + inner)[1]
+            self._cache[key] = out
+        return self._cache[key]
+
     def distance_sq(self, p: Tensor) -> Tensor:
         """Squared distance of plain vectors, row-wise (no convolution).
 

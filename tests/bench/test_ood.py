@@ -16,7 +16,7 @@ def reduced_run(tmp_path_factory):
         pytest.skip("shared OOD data not found (set COVGUARD_DATA)")
     out = tmp_path_factory.mktemp("ood")
     cfg = OODConfig(models=("resnet20",), max_eval=150, n_noise=100, max_train=600, n_holdout=200,
-                    baselines=("msp", "energy", "knn"), progress=False)
+                    baselines=("msp", "energy", "knn"), variants=True, n_criterion=100, progress=False)
     return run_ood(root, out, cfg), out
 
 
@@ -38,3 +38,21 @@ def test_noise_is_easy_for_patch_detectors(reduced_run):
     metrics = reduced_run[0]["models"]["resnet20"]["metrics"]
     for det in ("simple_mahalanobis", "class_mahalanobis_top1"):
         assert metrics["uniform_noise"][det]["auroc"] > 0.95
+
+
+def test_variant_sweep_selects_by_held_out_likelihood_only(reduced_run):
+    from covguard.bench.ood import VARIANTS
+
+    results, out = reduced_run
+    variants = results["models"]["resnet20"]["variants"]
+    assert set(variants) == set(VARIANTS)
+    metrics = results["models"]["resnet20"]["metrics"]
+    # The unchanged variants are the main detectors: the same numbers.
+    assert variants["class-top1/full/mean"]["auroc"]["tin"] == metrics["tin"]["class_mahalanobis_top1"]["auroc"]
+    for kind in ("simple", "class-top1"):
+        forms = {n: v for n, v in variants.items() if n.startswith(kind + "/") and n.endswith("/mean")}
+        chosen = [n for n, v in forms.items() if v.get("selected")]
+        assert chosen == [max(forms, key=lambda n: forms[n]["holdout_log_likelihood"])]
+    # A diagonal form ignores the correlations a full one models: lower held-out likelihood.
+    assert variants["simple/full/mean"]["holdout_log_likelihood"] > variants["simple/diag/mean"]["holdout_log_likelihood"]
+    assert "## Variant sweep" in (out / "results.md").read_text()

@@ -30,6 +30,7 @@ __all__ = [
     "mean_std",
     "patch_detectors",
     "predict",
+    "split_train",
 ]
 
 #: Shared pretrained CIFAR-10 checkpoints (see ../shared/data/README.md).
@@ -65,17 +66,20 @@ def accuracy(model: nn.Module, x: Tensor, y: Tensor, *, batch_size: int = 512) -
     return (predict(model, x, batch_size=batch_size) == y).float().mean().item()
 
 
-def patch_detectors(model: nn.Module, layers: Sequence[str] = CIFAR_LAYERS, *, covariance: str = "full") -> dict[str, Detector]:
+def patch_detectors(
+    model: nn.Module, layers: Sequence[str] = CIFAR_LAYERS, *, covariance: str = "full", keep_moments: bool = False
+) -> dict[str, Detector]:
     """Our patch detectors on ``layers`` (pooled ``avgpool`` scored with 1x1 patches).
 
     ``class_mahalanobis_mixture`` is created after fitting by :func:`add_mixture` (same
     statistics as ``class_mahalanobis_top1``, other scoring), so it is not listed here.
     ``class_penultimate_original`` is the original authors' committed configuration:
     penultimate features, per-class covariances with ``tr(S)/D/100 * I``, top-1 class, only
-    correctly classified fit images.
+    correctly classified fit images. ``keep_moments`` lets Simple and Class top-1 derive other
+    covariance forms afterwards (:meth:`~covguard.detectors.patch.PatchMahalanobis.refit`).
     """
     kernel = {layer: 1 if layer == "avgpool" else 3 for layer in layers}
-    common = {"layers": layers, "covariance": covariance, "kernel_size": kernel}
+    common = {"layers": layers, "covariance": covariance, "kernel_size": kernel, "keep_moments": keep_moments}
     dets: dict[str, Detector] = {
         "simple_mahalanobis": SimpleMahalanobis(model, **common),
         "class_mahalanobis_top1": ClassMahalanobis(model, scoring="top1", **common),
@@ -115,10 +119,10 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def format_mean_std(values: Sequence[float], *, scale: float = 100.0) -> str:
+def format_mean_std(values: Sequence[float], *, scale: float = 100.0, digits: int = 1) -> str:
     """``"91.2 ± 0.4"`` (percent by default); one value prints without ``±``."""
     m, s = mean_std(values)
-    return f"{m * scale:.1f}" if len(values) == 1 else f"{m * scale:.1f} ± {s * scale:.1f}"
+    return f"{m * scale:.{digits}f}" if len(values) == 1 else f"{m * scale:.{digits}f} ± {s * scale:.{digits}f}"
 
 
 
@@ -151,6 +155,23 @@ class UInt8Batches:
             yield self.images[i : i + self.batch_size].float().div_(255.0), self.labels[i : i + self.batch_size]
 
 
+def split_train(
+    train: ImageSet, *, n_holdout: int, max_train: int | None, seed: int, batch_size: int
+) -> tuple[UInt8Batches, UInt8Batches]:
+    """Seeded split of the training set: (fit batches, held-out batches of ``n_holdout`` images).
+
+    The fit part holds the rest, at most ``max_train`` images.
+    """
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
+    hold_idx, fit_idx = order[:n_holdout], order[n_holdout:]
+    if max_train is not None:
+        fit_idx = fit_idx[:max_train]
+    return (
+        UInt8Batches(train.images[fit_idx], train.labels[fit_idx], batch_size),
+        UInt8Batches(train.images[hold_idx], train.labels[hold_idx], batch_size),
+    )
+
+
 def fit_on_train(
     model: nn.Module,
     train: ImageSet,
@@ -162,12 +183,14 @@ def fit_on_train(
     seed: int = 0,
     batch_size: int = 256,
     mixture: bool = True,
+    keep_moments: bool = False,
     progress: bool = True,
 ) -> tuple[dict[str, Detector], dict[str, int]]:
     """Our patch detectors and the baselines, fitted together on the training set.
 
-    ``n_holdout`` training images (seeded permutation) are held out from the fit and only
-    standardize the layer scores; the rest (at most ``max_train``) fit every detector.
+    ``n_holdout`` training images (seeded permutation, :func:`split_train`) are held out from
+    the fit and only standardize the layer scores; the rest (at most ``max_train``) fit every
+    detector.
 
     Returns
     -------
@@ -176,14 +199,12 @@ def fit_on_train(
     sizes : dict
         ``{"n_fit": ..., "n_holdout": ...}``.
     """
-    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
-    hold_idx, fit_idx = order[:n_holdout], order[n_holdout:]
-    if max_train is not None:
-        fit_idx = fit_idx[:max_train]
-    fit_loader = UInt8Batches(train.images[fit_idx], train.labels[fit_idx], batch_size)
-    hold_loader = UInt8Batches(train.images[hold_idx], train.labels[hold_idx], batch_size)
-    detectors = {**patch_detectors(model, CIFAR_LAYERS, covariance=covariance), **baseline_detectors(model, baselines)}
+    fit_loader, hold_loader = split_train(train, n_holdout=n_holdout, max_train=max_train, seed=seed, batch_size=batch_size)
+    detectors = {
+        **patch_detectors(model, CIFAR_LAYERS, covariance=covariance, keep_moments=keep_moments),
+        **baseline_detectors(model, baselines),
+    }
     fit_detectors(list(detectors.values()), fit_loader, holdout=hold_loader, progress=progress)
     if mixture:
         add_mixture(detectors)
-    return detectors, {"n_fit": len(fit_idx), "n_holdout": len(hold_idx)}
+    return detectors, {"n_fit": len(fit_loader.images), "n_holdout": len(hold_loader.images)}

@@ -15,6 +15,8 @@ give +inf with a warning.
 
 from __future__ import annotations
 
+import copy
+import math
 import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -71,6 +73,9 @@ class PatchMahalanobis(Detector):
         Zero padding of each map before patch extraction.
     aggregate : {"mean", "max"}
         How the per-patch map becomes one score per image and layer.
+    keep_moments : bool
+        Keep the fitted moments (``moments_``, float64: ``K D^2`` numbers per layer) so that
+        :meth:`refit` derives other covariance forms without another pass over the data.
 
     Notes
     -----
@@ -93,6 +98,7 @@ class PatchMahalanobis(Detector):
         kernel_size: int | Mapping[str, int] = 3,
         padding: int | Mapping[str, int] = 0,
         aggregate: str = "mean",
+        keep_moments: bool = False,
     ) -> None:
         super().__init__(model, layers=layers)
         if not self.layers:
@@ -103,6 +109,8 @@ class PatchMahalanobis(Detector):
         self.kernel_size = _per_layer(kernel_size, self.layers, "kernel_size")
         self.padding = _per_layer(padding, self.layers, "padding")
         self.aggregate = aggregate
+        self.keep_moments = keep_moments
+        self.moments_: dict[str, Moments] = {}
         self.forms_: dict[str, QuadraticForm] = {}
         self.channels_: dict[str, int] = {}
         self.score_mean_: Tensor | None = None
@@ -230,7 +238,7 @@ class PatchMahalanobis(Detector):
         self.score_std_ = var.sqrt().clamp_min(1e-12).cpu()
 
     def _fit_begin(self) -> None:
-        self._accumulators = {}
+        self._accumulators, self.moments_ = {}, {}
         self.forms_, self.channels_, self._cache = {}, {}, {}
         self.score_mean_ = self.score_std_ = None
         self.model_sha256_ = None
@@ -259,14 +267,111 @@ class PatchMahalanobis(Detector):
             acc.all_reduce(device=device)
 
     def _fit_end(self) -> None:
-        for layer, acc in self._accumulators.items():
-            moments = self._repair_degenerate(layer, self._finalize_moments(layer, acc.moments))
-            form = quadratic_form(moments, self.config).to(device="cpu")
+        moments = {
+            layer: self._repair_degenerate(layer, self._finalize_moments(layer, acc.moments))
+            for layer, acc in self._accumulators.items()
+        }
+        self._estimate_forms(moments)
+        self.moments_ = {k: Moments(m.n.cpu(), m.mean.cpu(), m.scatter.cpu()) for k, m in moments.items()} if self.keep_moments else {}
+        self._accumulators = {}
+        self.model_sha256_ = parameter_sha256(self.model)
+
+    def _estimate_forms(self, moments: Mapping[str, Moments]) -> None:
+        self._cache = {}
+        for layer, m in moments.items():
+            form = quadratic_form(m, self.config).to(device="cpu")
             # Contiguous, as a loaded file gives them: the same memory layout gives bit-identical scores.
             fields = (form.mean, form.proj, form.gain, form.diag)
             self.forms_[layer] = QuadraticForm(*(None if t is None else t.contiguous() for t in fields))
-        self._accumulators = {}
-        self.model_sha256_ = parameter_sha256(self.model)
+
+    def refit(
+        self,
+        *,
+        holdout: Iterable | None,
+        covariance: str | None = None,
+        rank: int | None = None,
+        shrinkage: str | None = None,
+        eps: float | None = None,
+        aggregate: str | None = None,
+        progress: bool = False,
+    ) -> PatchMahalanobis:
+        """A copy with another covariance estimate or aggregation, from the kept moments (no refit pass).
+
+        Parameters
+        ----------
+        holdout : iterable or None
+            Held-out in-distribution images that standardize the copy's layer scores (as in
+            :meth:`fit`); may be None for a single layer.
+        covariance, rank, shrinkage, eps, aggregate : optional
+            What changes; the rest is copied.
+        progress : bool
+            Progress bar of the standardization pass.
+
+        Returns
+        -------
+        PatchMahalanobis
+            A fitted detector of the same class, sharing the model and the moments.
+        """
+        check_is_fitted(self)
+        if not self.moments_:
+            raise ValueError("refit needs the fitted moments: construct the detector with keep_moments=True")
+        if holdout is None and len(self.layers) > 1:
+            raise ValueError("holdout must hold in-distribution images to standardize the layer scores of several layers")
+        other = copy.copy(self)
+        other.config = CovarianceConfig(
+            form=covariance or self.config.form,
+            shrinkage=shrinkage or self.config.shrinkage,
+            eps=self.config.eps if eps is None else eps,
+            rank=self.config.rank if rank is None else rank,
+        )
+        other.aggregate = aggregate or self.aggregate
+        if other.aggregate not in AGGREGATES:
+            raise ValueError(f"aggregate must be one of {AGGREGATES}; got {other.aggregate!r}")
+        other.forms_ = {}
+        other._estimate_forms(self.moments_)
+        if len(self.layers) > 1:
+            other.standardize(holdout, progress=progress)
+        return other
+
+    def standardize(self, holdout: Iterable, *, progress: bool = False) -> None:
+        """Re-standardize the layer scores on held-out in-distribution images (one scoring pass).
+
+        For a fitted detector whose scoring changed after :meth:`fit` (e.g. another class
+        ``scoring``); :meth:`set_standardization` takes precomputed layer scores instead.
+        """
+        rows = [self._layer_scores(logits, feats).cpu() for _, logits, feats, _ in self._forward_loader(holdout, progress, "standardize")]
+        self.set_standardization(torch.cat(rows) if rows else torch.zeros(0, len(self.layers)))
+
+    @torch.no_grad()
+    def log_likelihood(self, x: Tensor) -> Tensor:
+        """Mean Gaussian log-density of the patches of each image under the fitted model, per dimension.
+
+        ``-(mean_patches d2 + D log 2 pi - logdet P) / (2 D)`` for each layer, with the precision
+        ``P`` of the group each patch is scored against (weighted like the distances for
+        class detectors). Averaged over held-out in-distribution images, it compares covariance
+        estimates of the same statistics without any out-of-distribution data.
+
+        Parameters
+        ----------
+        x : Tensor of shape (N, C, H, W)
+
+        Returns
+        -------
+        Tensor of shape (N, n_layers), float64
+        """
+        check_is_fitted(self)
+        logits, feats = self.forward(x)
+        maps = self._maps(logits, feats)
+        weights = self._group_weights(logits)  # (N, K) or None
+        cols = []
+        for layer in self.layers:
+            form = self.forms_[layer]
+            D = form.mean.shape[1]
+            logdet = form.logdet().to(logits.device)  # (K,)
+            logdet = logdet[0] if weights is None else weights.double() @ logdet  # () or (N,)
+            d2 = maps[layer].double().flatten(1).mean(1)  # (N,)
+            cols.append(-(d2 + D * math.log(2 * math.pi) - logdet) / (2 * D))
+        return torch.stack(cols, dim=1).cpu()
 
     def _repair_degenerate(self, layer: str, moments: Moments) -> Moments:
         """Give groups with zero variance in every coordinate the pooled covariance (or raise if all are)."""
