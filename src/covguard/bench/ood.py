@@ -200,23 +200,23 @@ def run_ood(root: str | Path, out: str | Path, config: OODConfig = OODConfig()) 
     out.mkdir(parents=True, exist_ok=True)
     train = load_set("cifar10_train", root, progress=config.progress)
     sets = _eval_sets(root, config)
-    per_model, first_raw = {}, None
-    for name in config.models:
-        run = _run_model(name, config, root, train, sets)
-        per_model[name] = run["result"]
-        first_raw = first_raw or run["raw"]
     results = {
         "config": asdict(config),
         "n_images": {"cifar10_test": len(sets["id"][0]), **{k: len(v) for k, v in sets["ood"].items()}},
-        "models": per_model,
+        "models": {},
     }
-    write_json(results, out / "results.json")
-    for set_name, curves in first_raw.items():
-        plot_roc(curves, out / f"roc_{set_name}.png", title=f"{config.models[0]}: CIFAR-10 vs {set_name}")
-        plot_histograms(*curves[HEADLINE], out / f"hist_{set_name}.png", label_in="CIFAR-10 test", label_out=set_name,
-                        title=f"{config.models[0]} {HEADLINE}")
-    (out / "results.md").write_text(render_markdown(results))
-    add_html_report(out)
+    for name in config.models:
+        run = _run_model(name, config, root, train, sets)
+        results["models"][name] = run["result"]
+        if name == config.models[0]:
+            for set_name, curves in run["raw"].items():
+                plot_roc(curves, out / f"roc_{set_name}.png", title=f"{name}: CIFAR-10 vs {set_name}")
+                plot_histograms(*curves[HEADLINE], out / f"hist_{set_name}.png", label_in="CIFAR-10 test",
+                                label_out=set_name, title=f"{name} {HEADLINE}")
+        # Written after every checkpoint, so a long run leaves a usable report at any point.
+        write_json(results, out / "results.json")
+        (out / "results.md").write_text(render_markdown(results))
+        add_html_report(out)
     return results
 
 
