@@ -135,3 +135,68 @@ def test_empty_class_is_reported_and_can_take_pooled_statistics():
     np.testing.assert_allclose(filled.covariance_in_basis()[3].numpy(), U.T @ within @ U, rtol=1e-9, atol=1e-12)
     form = reduced_quadratic_form(filled, CovarianceConfig(form="lowrank", rank=2))
     assert torch.isfinite(form.distance_sq(torch.from_numpy(x))).all()
+
+
+# ---- ClassMahalanobis(basis_rank=...) --------------------------------------------------------
+
+
+def _loader(x, y, batch_size):
+    return [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, len(x), batch_size)]
+
+
+def test_full_basis_equals_exact_lowrank_class_detector(tiny_model, images):
+    """With the basis spanning every dimension the reduced statistics are exact."""
+    import covguard as cg
+    from tests.conftest import make_images
+
+    x, y = images
+    fit, hold = _loader(x[:200], y[:200], 50), [x[200:]]
+    exact = cg.ClassMahalanobis(tiny_model, layers=["block1", "block2"], covariance="lowrank", rank=6).fit(fit, holdout=hold, progress=False)
+    dims = {layer: form.mean.shape[1] for layer, form in exact.forms_.items()}
+    reduced = cg.ClassMahalanobis(
+        tiny_model, layers=["block1", "block2"], covariance="lowrank", rank=6, basis_rank=max(dims.values())
+    ).fit(fit, holdout=hold, progress=False)
+    test, _ = make_images(12, seed=5)
+    torch.testing.assert_close(reduced.score(test), exact.score(test), rtol=1e-3, atol=1e-3)
+
+
+def test_small_basis_scores_close_and_fit_detectors_matches_fit(tiny_model, images, tmp_path):
+    import covguard as cg
+    from covguard.detectors.multi import fit_detectors
+
+    x, y = images
+    fit, hold = _loader(x[:200], y[:200], 50), [x[200:]]
+    kwargs = {"layers": ["block2"], "covariance": "lowrank", "rank": 4, "basis_rank": 16}
+    alone = cg.ClassMahalanobis(tiny_model, **kwargs).fit(fit, holdout=hold, progress=False)
+    together = cg.ClassMahalanobis(tiny_model, **kwargs)
+    simple = cg.SimpleMahalanobis(tiny_model, layers=["block2"])
+    fit_detectors([simple, together], fit, holdout=hold, progress=False)
+    torch.testing.assert_close(together.score(x[:10]), alone.score(x[:10]))
+    loaded = cg.load(alone.save(tmp_path / "reduced.safetensors"), tiny_model)
+    assert loaded.basis_rank == 16
+    torch.testing.assert_close(loaded.score(x[:10]), alone.score(x[:10]))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"covariance": "full", "basis_rank": 8}, "basis_rank needs covariance='lowrank'"),
+        ({"covariance": "lowrank", "rank": 16, "basis_rank": 8}, "rank <= basis_rank"),
+        ({"covariance": "lowrank", "rank": 4, "basis_rank": 0}, "basis_rank must be a positive integer"),
+        ({"covariance": "lowrank", "rank": 4, "basis_rank": 8, "keep_moments": True}, "keep_moments"),
+    ],
+)
+def test_bad_basis_rank_settings_raise(tiny_model, kwargs, match):
+    import covguard as cg
+
+    with pytest.raises(ValueError, match=match):
+        cg.ClassMahalanobis(tiny_model, layers=["block2"], **kwargs)
+
+
+def test_basis_rank_needs_a_reiterable_loader(tiny_model, images):
+    import covguard as cg
+
+    x, y = images
+    det = cg.ClassMahalanobis(tiny_model, layers=["block2"], covariance="lowrank", rank=4, basis_rank=8)
+    with pytest.raises(ValueError, match="re-iterable"):
+        det.fit(iter(_loader(x, y, 60)), progress=False)

@@ -117,14 +117,28 @@ _SYMMETRIC_MIN_DIM = 256  # below this a single product is faster
 
 
 def _centered_moments(x: Tensor, w: Tensor | None) -> tuple[Tensor, Tensor]:
-    """Weighted mean (D,) and scatter (D, D) of rows ``x`` (M, D), float64; reduced in the dtype of ``x``."""
+    """Weighted mean (D,) and scatter (D, D) of rows ``x`` (M, D), float64; reduced in the dtype of ``x``.
+
+    Below float64, each column is first divided by a power of two near its largest magnitude
+    (exact), so that products of activations near 1e-30 or 1e30 neither underflow nor overflow
+    in float32; the scales are multiplied back in float64.
+    """
+    scale = None
+    if x.dtype != torch.float64:
+        _, exponent = torch.frexp(x.abs().amax(0))  # (D,)
+        scale = torch.ldexp(torch.ones_like(x[0]), exponent)  # (D,) powers of two
+        x = x / scale
     total = x.new_tensor(float(x.shape[0])) if w is None else w.sum()
     first = (x.sum(0) if w is None else w @ x) / total  # (D,) mean in the dtype of x
     xc = x - first  # (M, D) centered in the dtype of x
     xw = xc if w is None else xc * w[:, None]  # (M, D)
     resid = (xw.sum(0) / total).double()  # (D,) residual mean of the centered rows, ~ rounding error
     scatter = _symmetric_product(xw, xc).double() - total.double() * resid[:, None] * resid[None, :]
-    return first.double() + resid, scatter
+    mean = first.double() + resid
+    if scale is None:
+        return mean, scatter
+    s = scale.double()
+    return mean * s, scatter * s[:, None] * s[None, :]
 
 
 def _symmetric_product(a: Tensor, b: Tensor) -> Tensor:

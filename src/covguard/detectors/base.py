@@ -163,6 +163,12 @@ class Detector(ABC):
     #: ``_fit_reduce`` implemented).
     supports_distributed: ClassVar[bool] = False
 
+    @property
+    def single_pass(self) -> bool:
+        """Whether :meth:`fit` is one streaming pass of ``_fit_batch`` calls, which
+        :func:`~covguard.detectors.multi.fit_detectors` can share with other detectors."""
+        return True
+
     def __init__(self, model: nn.Module, *, layers: Iterable[str] = ()) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")

@@ -10,7 +10,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from covguard.class_stats import SharedBasisClassMoments, reduced_quadratic_form
+from covguard.covariance import QuadraticForm
+from covguard.detectors.base import parameter_sha256
 from covguard.detectors.patch import PatchMahalanobis
+from covguard.patches import patch_vectors
 from covguard.stats import Moments
 
 __all__ = ["ClassMahalanobis", "CLASS_WEIGHTS", "SCORINGS"]
@@ -38,6 +42,13 @@ class ClassMahalanobis(PatchMahalanobis):
     scoring : {"top1", "mixture"}
     top_m : int
         Classes mixed by ``"mixture"``.
+    basis_rank : int, optional
+        Accumulate the class statistics in a reduced form (:mod:`covguard.class_stats`): a
+        shared basis of this rank from the pooled within-class covariance, then each class's
+        covariance inside it, in two passes over ``loader`` (which must be re-iterable).
+        Memory ``D^2 + K (D + r^2)`` numbers instead of ``K D^2``: 100 classes at ``D = 4608``
+        need 0.2 GB instead of 17 GB. Needs ``covariance="lowrank"`` (rank <= basis_rank) with
+        ``shrinkage="ridge"``; not distributed.
     **kwargs
         As :class:`~covguard.detectors.patch.PatchMahalanobis`.
     """
@@ -50,9 +61,20 @@ class ClassMahalanobis(PatchMahalanobis):
         class_weights: str = "label",
         scoring: str = "top1",
         top_m: int = 3,
+        basis_rank: int | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(model, layers=layers, **kwargs)
+        if basis_rank is not None:
+            if basis_rank < 1:
+                raise ValueError(f"basis_rank must be a positive integer or None; got {basis_rank}")
+            if self.config.form != "lowrank" or self.config.shrinkage != "ridge" or self.config.rank > basis_rank:
+                raise ValueError(
+                    f"basis_rank needs covariance='lowrank' with rank <= basis_rank and shrinkage='ridge'; got "
+                    f"covariance={self.config.form!r}, rank={self.config.rank}, shrinkage={self.config.shrinkage!r}"
+                )
+            if self.keep_moments:
+                raise ValueError("keep_moments=True needs exact class moments; it cannot be combined with basis_rank")
         if class_weights not in CLASS_WEIGHTS:
             raise ValueError(f"class_weights must be one of {CLASS_WEIGHTS}; got {class_weights!r}")
         if scoring not in SCORINGS:
@@ -62,10 +84,91 @@ class ClassMahalanobis(PatchMahalanobis):
         self.class_weights = class_weights
         self.scoring = scoring
         self.top_m = top_m
+        self.basis_rank = basis_rank
         self.empty_classes_: dict[str, list[int]] = {}
+        self._loader: Iterable | None = None
+        self._reduced: dict[str, SharedBasisClassMoments] = {}
 
     def hyperparameters(self) -> dict[str, Any]:
-        return {**super().hyperparameters(), "class_weights": self.class_weights, "scoring": self.scoring, "top_m": self.top_m}
+        return {
+            **super().hyperparameters(), "class_weights": self.class_weights, "scoring": self.scoring, "top_m": self.top_m,
+            "basis_rank": self.basis_rank,
+        }
+
+    @property
+    def single_pass(self) -> bool:
+        return self.basis_rank is None  # reduced statistics read the loader twice
+
+    def fit(
+        self, loader: Iterable, *, holdout: Iterable | None = None, progress: bool = True, distributed: bool | None = None
+    ) -> ClassMahalanobis:
+        """As :meth:`PatchMahalanobis.fit`; with ``basis_rank``, two passes over ``loader`` (not distributed)."""
+        if self.basis_rank is None:
+            return super().fit(loader, holdout=holdout, progress=progress, distributed=distributed)
+        if distributed:
+            raise ValueError("basis_rank statistics cannot fit distributed; fit on one process (distributed=False)")
+        if iter(loader) is loader:
+            raise ValueError("loader must be re-iterable (a list or a DataLoader, not an iterator): basis_rank fits in two passes")
+        self._loader, self._progress = loader, progress
+        try:
+            return super().fit(loader, holdout=holdout, progress=progress, distributed=False)
+        finally:
+            self._loader = None
+
+    # ---- reduced statistics (basis_rank): pass 1 in _fit_batch, basis and pass 2 in _fit_end ----
+
+    def _fit_prepare(self, logits: Tensor, feats: dict[str, Tensor]) -> None:
+        if self.basis_rank is None:
+            return super()._fit_prepare(logits, feats)
+        for layer, f in feats.items():
+            self._check_map(layer, f)
+            if layer not in self._reduced:
+                self.channels_[layer] = f.shape[1]
+                D = f.shape[1] * self.kernel_size[layer] ** 2
+                self._reduced[layer] = SharedBasisClassMoments(D, logits.shape[1], rank=self.basis_rank)
+
+    def _fit_batch(self, logits: Tensor, feats: dict[str, Tensor], y: Tensor | None) -> None:
+        if self.basis_rank is None:
+            return super()._fit_batch(logits, feats, y)
+        self._fit_prepare(logits, feats)
+        for layer, (p, w) in self._patches(logits, feats, y).items():
+            self._reduced[layer].update_pooled(p, w)
+
+    def _fit_end(self) -> None:
+        if self.basis_rank is None:
+            return super()._fit_end()
+        for acc in self._reduced.values():
+            acc.fit_basis()
+        for _, logits, feats, y in self._forward_loader(self._loader, self._progress, "fit ClassMahalanobis (pass 2)"):
+            for layer, (p, w) in self._patches(logits, feats, y).items():
+                self._reduced[layer].update(p, w)
+        self._cache = {}
+        for layer, acc in self._reduced.items():
+            stats = acc.result()
+            empty = stats.empty_classes()
+            if len(empty) == len(stats.n):
+                raise ValueError(f"no class received any weight at layer {layer!r} (class_weights={self.class_weights!r})")
+            if empty:
+                self.empty_classes_[layer] = empty
+                warnings.warn(
+                    f"classes {empty} have no fit samples at layer {layer!r}; they use the pooled statistics of all classes",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
+                stats = stats.with_pooled(empty)
+            form = reduced_quadratic_form(stats, self.config)
+            self.forms_[layer] = QuadraticForm(*(None if t is None else t.cpu().contiguous() for t in (form.mean, form.proj, form.gain, form.diag)))
+        self._reduced = {}
+        self.model_sha256_ = parameter_sha256(self.model)
+
+    def _patches(self, logits: Tensor, feats: dict[str, Tensor], y: Tensor | None) -> dict[str, tuple[Tensor, Tensor]]:
+        """Per layer: patch vectors (N L, D) and their class weights (N L, K)."""
+        weights = self._weights(logits, y)  # (N, K)
+        out = {}
+        for layer, f in feats.items():
+            p = patch_vectors(f, kernel_size=self.kernel_size[layer], padding=self.padding[layer])  # (N, L, D)
+            out[layer] = p.reshape(-1, p.shape[-1]), weights.repeat_interleave(p.shape[1], dim=0)
+        return out
 
     def _n_groups(self, logits: Tensor) -> int:
         return logits.shape[1]
@@ -87,7 +190,7 @@ class ClassMahalanobis(PatchMahalanobis):
 
     def _fit_begin(self) -> None:
         super()._fit_begin()
-        self.empty_classes_ = {}
+        self.empty_classes_, self._reduced = {}, {}
 
     def _finalize_moments(self, layer: str, moments: Moments) -> Moments:
         empty = (moments.n <= 0).nonzero().flatten()

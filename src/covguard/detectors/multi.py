@@ -20,8 +20,8 @@ __all__ = ["fit_detectors"]
 
 
 def _shares_pass(det: Detector) -> bool:
-    """Whether the detector's fit is the base streaming pass (ViM, e.g., reads its loader twice)."""
-    return type(det).fit in (Detector.fit, PatchMahalanobis.fit)
+    """Whether the detector's fit is one streaming pass (ViM, e.g., reads its loader twice)."""
+    return det.single_pass
 
 
 def fit_detectors(
@@ -37,7 +37,8 @@ def fit_detectors(
     ----------
     detectors : sequence of Detector
         Detectors sharing one model. Those needing no fit are skipped; those with their own
-        multi-pass ``fit`` (ViM) are fitted on their own after the shared pass.
+        multi-pass ``fit`` (ViM, Class with ``basis_rank``) are fitted on their own after the
+        shared pass.
     loader : iterable of Tensor (N, C, H, W) or of tuples (x, y)
         In-distribution training images (and labels).
     holdout : iterable, optional
@@ -67,7 +68,10 @@ def fit_detectors(
             _standardize(multi_layer, model, holdout if holdout is not None else loader, progress)
     for det in detectors:
         if det.requires_fit and not _shares_pass(det):
-            det.fit(loader, progress=progress)
+            if isinstance(det, PatchMahalanobis):
+                det.fit(loader, holdout=holdout, progress=progress)
+            else:
+                det.fit(loader, progress=progress)
     return detectors
 
 

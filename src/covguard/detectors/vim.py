@@ -116,6 +116,10 @@ class ViM(Detector):
         """``||(f - u) R||`` (N,) float64."""
         return ((f.double() - self.origin_.to(f.device)) @ self.residual_basis_.to(f.device)).norm(dim=1)
 
+    @property
+    def single_pass(self) -> bool:
+        return False  # reads its loader twice
+
     def fit(self, loader: Iterable, *, progress: bool = True) -> ViM:
         """Fit ``u``, the principal subspace and ``alpha`` in two passes over ``loader``.
 
