@@ -15,8 +15,9 @@ One run measures, on randomly initialized CIFAR ResNets (timing does not depend 
   per image of the same batches.
 - **Memory**: peak resident memory of fitting, each measurement in a fresh subprocess so that
   peaks do not mix (``resource.getrusage(RUSAGE_SELF).ru_maxrss``): Simple full at two data
-  sizes, exact Class statistics, and the reduced class statistics of
-  :mod:`covguard.class_stats` at 10 and 100 classes, on ResNet-18 ``layer4`` (``D = 4608``).
+  sizes, exact Class statistics, and ``ClassMahalanobis(basis_rank=...)`` (the reduced class
+  statistics of :mod:`covguard.class_stats`) at 10 and 100 classes, on ResNet-18 ``layer4``
+  (``D = 4608``).
 
 Writes ``results.json`` and ``results.md``. Timings are wall clock (:func:`time.perf_counter`)
 with PyTorch's default number of threads, after warm-up calls; CUDA timings synchronize.
@@ -464,27 +465,21 @@ def _memory_child() -> None:
     elif what == "class-exact":
         ClassMahalanobis(model, layers=[layer], covariance="lowrank", rank=64).fit(batches(), progress=False)
     elif what == "class-reduced":
-        from covguard.class_stats import SharedBasisClassMoments, reduced_quadratic_form
-        from covguard.covariance import CovarianceConfig
-
-        acc = None
-        with torch.no_grad(), FeatureTap(model, [layer]) as tap:
-            for pass_ in (1, 2):
-                for x, y in batches():
-                    _, feats = tap(x)
-                    p = patch_vectors(feats[layer])  # (N, L, D)
-                    if acc is None:
-                        acc = SharedBasisClassMoments(p.shape[-1], classes, rank=job["rank"])
-                    w = F.one_hot(y, classes).to(p.dtype).repeat_interleave(p.shape[1], dim=0)  # (N L, K)
-                    (acc.update_pooled if pass_ == 1 else acc.update)(p.reshape(-1, p.shape[-1]), w)
-                if pass_ == 1:
-                    acc.fit_basis()
-        stats = acc.result()
-        stats = stats.with_pooled(stats.empty_classes()) if stats.empty_classes() else stats
-        reduced_quadratic_form(stats, CovarianceConfig(form="lowrank", rank=64))
+        loader = _ReusableBatches(batches)  # two passes over the same images
+        ClassMahalanobis(model, layers=[layer], covariance="lowrank", rank=min(64, job["rank"]), basis_rank=job["rank"]).fit(loader, progress=False)
     else:
         raise ValueError(f"unknown memory job {what!r}")
     print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+class _ReusableBatches:
+    """A re-iterable loader over a generator function (each pass regenerates the same batches)."""
+
+    def __init__(self, make: Callable[[], Iterator]) -> None:
+        self.make = make
+
+    def __iter__(self) -> Iterator:
+        return self.make()
 
 
 def _peak_rss(job: dict) -> float:
