@@ -173,3 +173,35 @@ def test_iter_images_rejects_missing_source(tmp_path):
     with pytest.raises(FileNotFoundError, match="is neither a folder nor a file"):
         iter_images(tmp_path / "nothing")
     assert iter_images(tmp_path)[0] == 0
+
+
+def test_threads_flag_sets_torch_threads_and_rejects_zero(monkeypatch):
+    import torch
+
+    from covguard import cli
+
+    seen = {}
+    monkeypatch.setattr(cli, "build_parser", _parser_recording(seen))
+    before = torch.get_num_threads()
+    try:
+        assert cli.main(["--threads", "1", "noop"]) == 0
+        assert seen["threads"] == 1 and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(SystemExit, match="--threads must be >= 1"):
+        cli.main(["--threads", "0", "noop"])
+
+
+def _parser_recording(seen):
+    """The real parser plus a 'noop' command that records torch's thread count when it runs."""
+    import torch
+
+    from covguard.cli import build_parser as real
+
+    def build():
+        parser = real()
+        sub = next(a for a in parser._actions if a.dest == "command")
+        sub.add_parser("noop").set_defaults(func=lambda args: seen.update(threads=torch.get_num_threads()) or 0)
+        return parser
+
+    return build

@@ -173,6 +173,11 @@ def _add_bench_common(parser: argparse.ArgumentParser, out: str) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="covguard", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    parser.add_argument(
+        "--threads", type=int, default=None, metavar="N",
+        help="CPU threads of torch (default: torch's choice). On a machine shared with other busy processes, "
+             "fewer threads than cores avoid OpenMP barrier stalls that can slow work 10x or more",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="train a small CNN on scikit-learn digits and benchmark the detectors")
     demo.add_argument("--out", default="reports/demo", help="report folder (default: reports/demo)")
@@ -250,6 +255,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise SystemExit(f"covguard: --threads must be >= 1; got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
     return args.func(args)
 
 
