@@ -47,3 +47,13 @@ def tiny_model() -> nn.Module:
 @pytest.fixture(scope="session")
 def images():
     return make_images(240, seed=1)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny tensors: on a busy 2-core machine, OpenMP threads
+    spinning against each other make small forward passes 50x slower (restored after)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

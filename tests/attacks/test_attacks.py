@@ -23,6 +23,8 @@ from covguard.attacks import ATTACKS, BIM, FGSM, IGM, PGD, PGDL2, Attack, Mix, s
 from covguard.attacks.bim import kurakin_steps
 from covguard.attacks.igm import integrated_gradient
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 EPS = 8 / 255
 LINF_TOL = 1e-6  # float32 rounding of x + delta
 
@@ -44,16 +46,6 @@ def _make_data(n: int, seed: int) -> tuple[Tensor, Tensor]:
     pattern[..., 4:] = -1  # left half +1, right half -1
     sign = (2 * y - 1).float().view(-1, 1, 1, 1)  # (n, 1, 1, 1)
     return (base + amp * sign * pattern).clamp(0, 1), y
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: these nets are tiny, and on a busy 2-core machine OpenMP threads
-    spinning against each other make every forward pass 50x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

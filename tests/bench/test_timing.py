@@ -9,14 +9,7 @@ import torch
 from covguard.bench.timing import DetectorSpec, NaiveReference, _memory_child, detector_specs, max_relative_error, run_timing
 from covguard.models import resnet20
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: one thread avoids OpenMP barriers that dominate on a busy machine (restored after)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -14,16 +14,9 @@ from covguard.detectors import Detector
 from covguard.detectors.baselines import BASELINES
 from covguard.detectors.knn import kth_neighbor_distance
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 LOGIT_ONLY = {"msp", "max_logit", "energy", "odin", "gen"}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: threads only add contention on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def loader(x, y, batch):

@@ -24,6 +24,8 @@ from covguard.models import (
 )
 from covguard.models.resnet_cifar import OptionAShortcut
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 DATA = Path(
     os.environ.get("COVGUARD_DATA", Path(__file__).resolve().parents[2].parent / "shared" / "data")
 )
@@ -79,16 +81,6 @@ SPECS = {
         },
     ),
 }
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    # Batches of a few 32x32 images gain nothing from intra-op threads, and on a busy CPU
-    # the thread pool's contention makes each forward pass up to 100x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _build(name: str, **kwargs: object) -> nn.Module:
