@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import logging
 import sys
 import time
@@ -32,20 +31,6 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _model_args(pairs: Sequence[str]) -> dict[str, object]:
-    """``["num_classes=10", "width=8"]`` -> ``{"num_classes": 10, "width": 8}`` (values parsed as JSON, else strings)."""
-    out: dict[str, object] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--model-arg must be KEY=VALUE; got {pair!r}")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
-
-
 def _score(args: argparse.Namespace) -> int:
     """Run ``covguard score``; input and model errors are reported on stderr with exit status 2."""
     try:
@@ -60,13 +45,11 @@ def _score_images(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from covguard.guard import decode_image, iter_images, load_guard
-    from covguard.models import MODELS, load_checkpoint
+    from covguard.models import load_model
 
-    if args.model not in MODELS:
-        raise ValueError(f"--model must be one of {sorted(MODELS)}; got {args.model!r}")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1; got {args.batch_size}")
-    model = load_checkpoint(MODELS[args.model](**_model_args(args.model_arg)), args.weights).to(args.device).eval()
+    model = load_model(args.model, args.weights, model_args=args.model_arg, device=args.device)
     guard = load_guard(args.detector, model, strict_model=not args.no_strict_model)
     channels, height, width = guard.detector.input_shape_
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)

@@ -389,20 +389,17 @@ def run_heatmap_cli(args: argparse.Namespace) -> int:
 def _heatmap_images(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from covguard.cli import _model_args
     from covguard.guard import decode_image, iter_images
     from covguard.html_report import Section, write_html_report
-    from covguard.models import MODELS, load_checkpoint
+    from covguard.models import load_model
     from covguard.persistence import load
     from covguard.report import markdown_table
 
-    if args.model not in MODELS:
-        raise ValueError(f"--model must be one of {sorted(MODELS)}; got {args.model!r}")
     if args.max_images < 1:
         raise ValueError(f"--max-images must be >= 1; got {args.max_images}")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1; got {args.batch_size}")
-    model = load_checkpoint(MODELS[args.model](**_model_args(args.model_arg)), args.weights).to(args.device).eval()
+    model = load_model(args.model, args.weights, model_args=args.model_arg, device=args.device)
     detector = load(args.detector, model, strict_model=not args.no_strict_model)
     try:
         layers = check_heatmap_layers(detector, args.layers)
