@@ -48,3 +48,28 @@ def test_detectors_of_different_models_are_refused(tiny_model, images):
         fit_detectors([cg.SimpleMahalanobis(tiny_model, layers=["block1"]), cg.SimpleMahalanobis(TinyCNN(), layers=["block1"])], [images[0]])
     with pytest.raises(ValueError, match="at least one detector"):
         fit_detectors([], [images[0]])
+
+
+@pytest.mark.parametrize("class_weights, pooled", [("label", True), ("correct", False)])
+def test_simple_next_to_label_class_takes_pooled_class_moments(tiny_model, images, class_weights, pooled):
+    from covguard.detectors.multi import _pooled_sources
+
+    x, y = images
+    loader = [(x[i : i + 64], y[i : i + 64]) for i in range(0, 200, 64)]
+    holdout = [x[200:]]
+    simple = cg.SimpleMahalanobis(tiny_model, layers=["block1", "block2"])
+    klass = cg.ClassMahalanobis(tiny_model, layers=["block2", "block1"], class_weights=class_weights)
+    assert (0 in _pooled_sources([simple, klass])) == pooled
+    fit_detectors([simple, klass], loader, holdout=holdout, progress=False)
+    alone = cg.SimpleMahalanobis(tiny_model, layers=["block1", "block2"]).fit(loader, holdout=holdout, progress=False)
+    for layer in ("block1", "block2"):
+        torch.testing.assert_close(simple.forms_[layer].mean, alone.forms_[layer].mean, rtol=1e-6, atol=1e-6)  # float32 batch reductions
+    torch.testing.assert_close(simple.score(x[:20]), alone.score(x[:20]), rtol=1e-4, atol=1e-4)
+
+
+def test_simple_with_other_patch_geometry_is_not_pooled(tiny_model):
+    from covguard.detectors.multi import _pooled_sources
+
+    simple = cg.SimpleMahalanobis(tiny_model, layers=["block2"], kernel_size=1)
+    klass = cg.ClassMahalanobis(tiny_model, layers=["block2"])
+    assert _pooled_sources([simple, klass]) == {}

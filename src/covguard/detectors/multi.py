@@ -2,7 +2,10 @@
 
 Benchmarks compare many detectors on the same model; fitting each on its own would run the
 network once per detector over the whole training set. :func:`fit_detectors` captures the union
-of their layers once per batch and hands each detector its share.
+of their layers once per batch and hands each detector its share. A Simple detector fitted next
+to a Class detector with label weights on the same layers takes its moments from the Class
+statistics (the one-hot groups pooled with Chan's merge: the moments of every patch), so those
+patches are reduced once.
 """
 
 from __future__ import annotations
@@ -13,7 +16,10 @@ import torch
 from tqdm.auto import tqdm
 
 from covguard.detectors.base import Detector, eval_mode, unpack_batch
+from covguard.detectors.class_mahalanobis import ClassMahalanobis
 from covguard.detectors.patch import PatchMahalanobis
+from covguard.detectors.simple_mahalanobis import SimpleMahalanobis
+from covguard.stats import Moments
 from covguard.features import FeatureTap, model_device
 
 __all__ = ["fit_detectors"]
@@ -93,20 +99,50 @@ def _batches(detectors: Sequence[Detector], model, loader: Iterable, progress: b
             yield x, logits, feats, None if y is None else y.to(device)
 
 
+def _pooled_sources(detectors: Sequence[Detector]) -> dict[int, ClassMahalanobis]:
+    """Simple detectors whose moments equal the pooled moments of a label-weighted Class
+    detector of the same layers and patch geometry: {index of the Simple detector: that Class detector}."""
+    sources = [
+        det for det in detectors
+        if isinstance(det, ClassMahalanobis) and det.class_weights == "label" and det.basis_rank is None
+    ]
+    out = {}
+    for i, det in enumerate(detectors):
+        if type(det) is not SimpleMahalanobis:
+            continue
+        for src in sources:
+            if all(
+                layer in src.layers and src.kernel_size[layer] == det.kernel_size[layer] and src.padding[layer] == det.padding[layer]
+                for layer in det.layers
+            ):
+                out[i] = src
+                break
+    return out
+
+
 def _shared_pass(detectors: Sequence[Detector], model, loader: Iterable, progress: bool) -> None:
     for det in detectors:
         det.input_shape_ = None
         det._fit_begin()
+    pooled = _pooled_sources(detectors)
     shape = None
     for index, (x, logits, feats, y) in enumerate(_batches(detectors, model, loader, progress, f"fit {len(detectors)} detectors")):
         shape = shape or tuple(x.shape[1:])
         for name, f in feats.items():
             if not torch.isfinite(f).all():
                 raise ValueError(f"activations of layer {name!r} in batch {index} contain NaN or inf")
-        for det in detectors:
-            det._fit_batch(logits, {layer: feats[layer] for layer in det.layers}, y)
+        for i, det in enumerate(detectors):
+            own = {layer: feats[layer] for layer in det.layers}
+            if i in pooled:
+                det._fit_prepare(logits, own)  # sizes only: the moments come from the Class statistics
+            else:
+                det._fit_batch(logits, own, y)
     if shape is None:
         raise ValueError("loader is empty: fit needs at least one batch of in-distribution images")
+    for i, src in pooled.items():
+        for layer, acc in detectors[i]._accumulators.items():
+            m = src._accumulators[layer].moments  # (K groups)
+            acc.moments = Moments(m.n, m.mean, m.scatter).pooled()
     for det in detectors:
         det._fit_end()
         det.input_shape_ = shape
