@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from covguard.attacks import ATTACKS, success_mask
-from covguard.bench.common import accuracy, fit_on_train, format_mean_std, load_cifar_model, mean_std, predict
+from covguard.bench.common import CIFAR_LAYERS, accuracy, fit_on_train, format_mean_std, load_cifar_model, mean_std, predict
 from covguard.data.registry import load_set
 from covguard.detectors.multi import score_detectors
 from covguard.metrics import evaluate
@@ -269,9 +269,11 @@ def render_markdown(results: dict) -> str:
     models = results["models"]
     first = next(iter(models.values()))
     attacks = [a for a in [*results["config"]["attacks"], "mix"] if any(a in m["metrics"] for m in models.values())]
-    detectors = list(next(iter(first["metrics"].values())))
-    detectors = [HEADLINE, *[d for d in detectors if d != HEADLINE]]
     cfg = results["config"]
+    # Ours first (headline leading), then the baselines in the configured order (JSON sorts keys).
+    order = [HEADLINE, "class_mahalanobis_mixture", "simple_mahalanobis", "class_penultimate_original", *cfg["baselines"]]
+    found = list(next(iter(first["metrics"].values())))
+    detectors = [d for d in order if d in found] + sorted(set(found) - set(order))
     lines = [
         "# Adversarial detection on CIFAR-10 (JPEG copy)",
         "",
@@ -306,8 +308,9 @@ def render_markdown(results: dict) -> str:
         "",
     ]
     rows = []
-    for det in first["layer_auroc"][attacks[0]]:
-        for layer in first["layer_auroc"][attacks[0]][det]:
+    for det in [d for d in detectors if d in first["layer_auroc"][attacks[0]]]:
+        layers = first["layer_auroc"][attacks[0]][det]
+        for layer in sorted(layers, key=lambda k: (CIFAR_LAYERS.index(k) if k in CIFAR_LAYERS else len(CIFAR_LAYERS), k)):
             row = {"detector": det, "layer": layer}
             for attack in attacks:
                 vals = [m["layer_auroc"][attack][det][layer] for m in models.values() if attack in m["layer_auroc"]]
