@@ -439,30 +439,50 @@ class PatchMahalanobis(Detector):
         return out
 
     def _maps(self, logits: Tensor, feats: dict[str, Tensor]) -> dict[str, Tensor]:
+        return self._checked_maps(logits, feats)[0]
+
+    def _checked_maps(self, logits: Tensor, feats: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor | None]]:
+        """Distance maps {layer: (N, H', W')} in the features' dtype, and per layer which images have
+        finite activations ((N,) bool), or None when every distance is finite.
+
+        Every activation lies in some patch and reaches its distance with a nonzero weight, so a
+        non-finite activation always gives a non-finite distance: the (C times larger) feature map
+        is inspected only for images whose distances are not all finite.
+        """
         forms = self._forms(logits.dtype, logits.device)
-        maps = {}
+        maps, finite = {}, {}
         weights = self._group_weights(logits)  # (N, K) or None
         for layer, f in feats.items():
             self._check_map(layer, f)
             m = self._layer_map(layer, f, forms[layer], weights)  # (N, H', W')
-            finite = torch.isfinite(f).flatten(1).all(1)  # (N,)
-            redo = (finite & ~torch.isfinite(m).flatten(1).all(1)).nonzero().flatten()
+            bad = ~torch.isfinite(m).flatten(1).all(1)  # (N,)
+            if not bool(bad.any()):
+                same = m.dtype == f.dtype  # else a float64 layer: saturate into the features' dtype
+                maps[layer] = m if same else _saturate(m, torch.ones_like(bad), f.dtype)
+                finite[layer] = None
+                continue
+            ok = torch.isfinite(f).flatten(1).all(1)  # (N,)
+            redo = (ok & bad).nonzero().flatten()
             if len(redo) and m.dtype != torch.float64:  # overflow in the model's dtype: recompute in float64
                 form64 = self.forms_[layer].to(torch.float64, f.device)
                 w64 = None if weights is None else weights[redo]
                 m = m.double().index_copy(0, redo, self._layer_map(layer, f[redo], form64, w64))
-            maps[layer] = _saturate(m, finite, f.dtype)
-        return maps
+            maps[layer], finite[layer] = _saturate(m, ok, f.dtype), ok
+        return maps, finite
 
     def _layer_scores(self, logits: Tensor, feats: dict[str, Tensor]) -> Tensor:
         """Aggregated score of each layer, shape (N, n_layers); +inf where activations are not finite."""
-        maps = self._maps(logits, feats)
+        maps, finite = self._checked_maps(logits, feats)
         cols = []
         for layer, m in maps.items():
-            m64 = m.double().flatten(1)  # (N, H' W'), float64 so that saturated maps do not overflow
-            s = m64.mean(1) if self.aggregate == "mean" else m64.amax(1)  # (N,)
-            finite = torch.isfinite(feats[layer]).flatten(1).all(1)  # (N,)
-            cols.append(_saturate(s, finite, m.dtype).masked_fill(~finite, float("inf")))
+            flat = m.flatten(1)  # (N, H' W')
+            # Mean in float64, so that maps saturated at the dtype's largest value do not overflow.
+            s = flat.mean(1, dtype=torch.float64) if self.aggregate == "mean" else flat.amax(1).double()  # (N,)
+            ok = finite[layer]
+            if ok is None:
+                cols.append(s.to(m.dtype))
+            else:
+                cols.append(_saturate(s, ok, m.dtype).masked_fill(~ok, float("inf")))
         return torch.stack(cols, dim=1)
 
     def score_features(self, logits: Tensor, feats: dict[str, Tensor]) -> Tensor:
