@@ -260,7 +260,7 @@ class StreamingMoments:
         self.reduce_dtype = reduce_dtype
         self.moments: Moments | None = None
 
-    def update(self, x: Tensor, weights: Tensor | None = None) -> StreamingMoments:
+    def update(self, x: Tensor, weights: Tensor | None = None, *, check_finite: bool = True) -> StreamingMoments:
         """Add a batch.
 
         Parameters
@@ -269,6 +269,10 @@ class StreamingMoments:
             Vectors to add.
         weights : Tensor of shape (M, K), optional
             Non-negative weight of each vector in each group; required when K > 1.
+        check_finite : bool
+            Reject NaN or inf in ``x`` (a full pass over it). Callers that validated the data
+            they derive ``x`` from (the detectors check every feature map) skip it; ``weights``
+            are always checked.
 
         Returns
         -------
@@ -277,7 +281,7 @@ class StreamingMoments:
         """
         if x.ndim != 2 or x.shape[1] != self.dim:
             raise ValueError(f"x must be (M, D) with D={self.dim}; got {tuple(x.shape)}")
-        if not torch.isfinite(x).all():
+        if check_finite and not torch.isfinite(x).all():
             raise ValueError("x contains NaN or inf values; moments would be corrupted")
         if weights is None and self.n_groups > 1:
             raise ValueError(f"weights of shape (M, {self.n_groups}) are required with n_groups={self.n_groups}")

@@ -259,7 +259,8 @@ class PatchMahalanobis(Detector):
         for layer, f in feats.items():
             p = patch_vectors(f, kernel_size=self.kernel_size[layer], padding=self.padding[layer])  # (N, L, D)
             w = None if weights is None else weights.repeat_interleave(p.shape[1], dim=0)  # (N L, K)
-            self._accumulators[layer].update(p.reshape(-1, p.shape[-1]), w)  # (N L, D)
+            # fit checked every feature map: the patches of a finite map are finite.
+            self._accumulators[layer].update(p.reshape(-1, p.shape[-1]), w, check_finite=False)  # (N L, D)
 
     def _fit_reduce(self) -> None:
         device = model_device(self.model)
