@@ -264,6 +264,9 @@ def _whitening(cov: Tensor) -> tuple[Tensor, Tensor]:
 
 # Dimensions above which the top eigenpairs come from subspace iteration instead of ``eigh``.
 _EIGH_MAX_DIM = 1536
+# Subspace iteration: residuals (relative to the largest eigenvalue) accepted once they stall.
+_STALL_TOL = 1e-6
+_STALL_ITERS = 5
 
 
 def _top_eigenpairs(cov: Tensor, k: int, *, tol: float = 1e-9, max_iter: int = 200) -> tuple[Tensor, Tensor]:
@@ -273,6 +276,12 @@ def _top_eigenpairs(cov: Tensor, k: int, *, tol: float = 1e-9, max_iter: int = 2
     ``b = 2k + 16`` vectors, until every Ritz residual ``||cov v - l v||`` is below
     ``tol * l_max`` (falls back to ``eigh`` if that takes more than ``max_iter`` iterations).
     Costs ``O(D^2 b)`` per iteration instead of the ``O(D^3)`` of a full decomposition.
+
+    When ``k`` exceeds the rank of the sample covariance (few samples in a class), the last
+    eigenvalues kept sit on the flat ridge plateau, where eigenvectors are not unique and the
+    residuals stall just above ``tol``: residuals below ``_STALL_TOL * l_max`` that stop
+    improving (by half over ``_STALL_ITERS`` iterations) are accepted as converged. Any vector
+    of a plateau gives the same probabilistic-PCA model.
     """
     K, D, _ = cov.shape
     b = min(D, 2 * k + 16)
@@ -281,6 +290,7 @@ def _top_eigenpairs(cov: Tensor, k: int, *, tol: float = 1e-9, max_iter: int = 2
         return evals[:, D - k :], evecs[:, :, D - k :]
     gen = torch.Generator(device=cov.device).manual_seed(0)
     q = torch.linalg.qr(torch.randn(K, D, b, generator=gen, dtype=cov.dtype, device=cov.device))[0]  # (K, D, b)
+    history: list[float] = []  # worst relative residual of each iteration
     for it in range(max_iter):
         z = cov @ q  # (K, D, b)
         t = q.mT @ z  # (K, b, b) Rayleigh quotient
@@ -288,8 +298,11 @@ def _top_eigenpairs(cov: Tensor, k: int, *, tol: float = 1e-9, max_iter: int = 2
         vals, vecs = vals[:, b - k :], vecs[:, :, b - k :]  # (K, k), (K, b, k)
         ritz = q @ vecs  # (K, D, k)
         residual = torch.linalg.vector_norm(z @ vecs - ritz * vals[:, None, :], dim=1)  # (K, k)
-        if (residual <= tol * vals[:, -1:].abs()).all():
-            logger.debug("top-%d eigenpairs of D=%d converged in %d subspace iterations", k, D, it + 1)
+        worst = float((residual / vals[:, -1:].abs().clamp_min(torch.finfo(cov.dtype).tiny)).max())
+        history.append(worst)
+        stalled = len(history) > _STALL_ITERS and worst <= _STALL_TOL and worst > history[-1 - _STALL_ITERS] / 2
+        if worst <= tol or stalled:
+            logger.debug("top-%d eigenpairs of D=%d: residual %.1e after %d subspace iterations", k, D, worst, it + 1)
             return vals, ritz
         q = torch.linalg.qr(z)[0]
     logger.info("subspace iteration for the top-%d eigenpairs of D=%d did not converge; using eigh", k, D)
