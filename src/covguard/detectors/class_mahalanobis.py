@@ -11,10 +11,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from covguard.class_stats import SharedBasisClassMoments, reduced_quadratic_form
-from covguard.covariance import QuadraticForm
 from covguard.detectors.base import parameter_sha256
 from covguard.detectors.patch import PatchMahalanobis
-from covguard.patches import patch_vectors
 from covguard.stats import Moments
 
 __all__ = ["ClassMahalanobis", "CLASS_WEIGHTS", "SCORINGS"]
@@ -145,30 +143,10 @@ class ClassMahalanobis(PatchMahalanobis):
         self._cache = {}
         for layer, acc in self._reduced.items():
             stats = acc.result()
-            empty = stats.empty_classes()
-            if len(empty) == len(stats.n):
-                raise ValueError(f"no class received any weight at layer {layer!r} (class_weights={self.class_weights!r})")
-            if empty:
-                self.empty_classes_[layer] = empty
-                warnings.warn(
-                    f"classes {empty} have no fit samples at layer {layer!r}; they use the pooled statistics of all classes",
-                    RuntimeWarning,
-                    stacklevel=4,
-                )
-                stats = stats.with_pooled(empty)
-            form = reduced_quadratic_form(stats, self.config)
-            self.forms_[layer] = QuadraticForm(*(None if t is None else t.cpu().contiguous() for t in (form.mean, form.proj, form.gain, form.diag)))
+            empty = self._empty_classes(layer, stats.n)
+            self._set_form(layer, reduced_quadratic_form(stats.with_pooled(empty) if empty else stats, self.config))
         self._reduced = {}
         self.model_sha256_ = parameter_sha256(self.model)
-
-    def _patches(self, logits: Tensor, feats: dict[str, Tensor], y: Tensor | None) -> dict[str, tuple[Tensor, Tensor]]:
-        """Per layer: patch vectors (N L, D) and their class weights (N L, K)."""
-        weights = self._weights(logits, y)  # (N, K)
-        out = {}
-        for layer, f in feats.items():
-            p = patch_vectors(f, kernel_size=self.kernel_size[layer], padding=self.padding[layer])  # (N, L, D)
-            out[layer] = p.reshape(-1, p.shape[-1]), weights.repeat_interleave(p.shape[1], dim=0)
-        return out
 
     def _n_groups(self, logits: Tensor) -> int:
         return logits.shape[1]
@@ -192,21 +170,27 @@ class ClassMahalanobis(PatchMahalanobis):
         super()._fit_begin()
         self.empty_classes_, self._reduced = {}, {}
 
-    def _finalize_moments(self, layer: str, moments: Moments) -> Moments:
-        empty = (moments.n <= 0).nonzero().flatten()
-        if len(empty) == 0:
-            return moments
-        if len(empty) == moments.n_groups:
+    def _empty_classes(self, layer: str, n: Tensor) -> list[int]:
+        """Classes of total weight 0 (recorded and warned: they take pooled statistics); raises if all are."""
+        empty = (n <= 0).nonzero().flatten().tolist()
+        if len(empty) == len(n):
             raise ValueError(
                 f"no class received any weight at layer {layer!r} (class_weights={self.class_weights!r}); "
                 "with 'correct', the model classified no fit image correctly"
             )
-        self.empty_classes_[layer] = empty.tolist()
-        warnings.warn(
-            f"classes {empty.tolist()} have no fit samples at layer {layer!r}; they use the pooled statistics of all classes",
-            RuntimeWarning,
-            stacklevel=4,
-        )
+        if empty:
+            self.empty_classes_[layer] = empty
+            warnings.warn(
+                f"classes {empty} have no fit samples at layer {layer!r}; they use the pooled statistics of all classes",
+                RuntimeWarning,
+                stacklevel=5,
+            )
+        return empty
+
+    def _finalize_moments(self, layer: str, moments: Moments) -> Moments:
+        empty = self._empty_classes(layer, moments.n)
+        if not empty:
+            return moments
         pooled = moments.pooled()
         n, mean, scatter = moments.n.clone(), moments.mean.clone(), moments.scatter.clone()
         n[empty], mean[empty], scatter[empty] = pooled.n, pooled.mean, pooled.scatter

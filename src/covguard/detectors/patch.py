@@ -254,13 +254,20 @@ class PatchMahalanobis(Detector):
                 self._accumulators[layer] = StreamingMoments(D, n_groups=self._n_groups(logits), reduce_dtype=torch.float32)
 
     def _fit_batch(self, logits: Tensor, feats: dict[str, Tensor], y: Tensor | None) -> None:
-        weights = self._weights(logits, y)  # (N, K) or None
         self._fit_prepare(logits, feats)
+        for layer, (p, w) in self._patches(logits, feats, y).items():
+            # fit checked every feature map: the patches of a finite map are finite.
+            self._accumulators[layer].update(p, w, check_finite=False)
+
+    def _patches(self, logits: Tensor, feats: dict[str, Tensor], y: Tensor | None) -> dict[str, tuple[Tensor, Tensor | None]]:
+        """Per layer: patch vectors (N L, D) and their group weights (N L, K), or None for one group."""
+        weights = self._weights(logits, y)  # (N, K) or None
+        out = {}
         for layer, f in feats.items():
             p = patch_vectors(f, kernel_size=self.kernel_size[layer], padding=self.padding[layer])  # (N, L, D)
             w = None if weights is None else weights.repeat_interleave(p.shape[1], dim=0)  # (N L, K)
-            # fit checked every feature map: the patches of a finite map are finite.
-            self._accumulators[layer].update(p.reshape(-1, p.shape[-1]), w, check_finite=False)  # (N L, D)
+            out[layer] = p.reshape(-1, p.shape[-1]), w
+        return out
 
     def _fit_reduce(self) -> None:
         device = model_device(self.model)
@@ -280,10 +287,13 @@ class PatchMahalanobis(Detector):
     def _estimate_forms(self, moments: Mapping[str, Moments]) -> None:
         self._cache = {}
         for layer, m in moments.items():
-            form = quadratic_form(m, self.config).to(device="cpu")
-            # Contiguous, as a loaded file gives them: the same memory layout gives bit-identical scores.
-            fields = (form.mean, form.proj, form.gain, form.diag)
-            self.forms_[layer] = QuadraticForm(*(None if t is None else t.contiguous() for t in fields))
+            self._set_form(layer, quadratic_form(m, self.config))
+
+    def _set_form(self, layer: str, form: QuadraticForm) -> None:
+        """Store a layer's form on the CPU, contiguous as a loaded file gives it: the same memory
+        layout gives bit-identical scores."""
+        fields = (form.mean, form.proj, form.gain, form.diag)
+        self.forms_[layer] = QuadraticForm(*(None if t is None else t.cpu().contiguous() for t in fields))
 
     def refit(
         self,
