@@ -136,6 +136,27 @@ def _bench_ood(args: argparse.Namespace) -> int:
     return 0
 
 
+def _finetune(args: argparse.Namespace) -> int:
+    from covguard.bench.common import finetuned_path
+    from covguard.bench.finetune import FinetuneConfig, finetune_checkpoint
+
+    config = FinetuneConfig(
+        epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, crop_padding=args.crop_padding, seed=args.seed,
+        max_train=args.max_train, device=args.device, progress=not args.no_progress,
+    )
+    out = Path(args.out) if args.out else finetuned_path(args.model)
+    try:
+        log = finetune_checkpoint(args.model, _data_root(args.data), out, config, force=args.force)
+    except (ValueError, FileExistsError, FileNotFoundError) as err:
+        print(f"covguard finetune: error: {err}", file=sys.stderr)
+        return 2
+    print(
+        f"{args.model}: JPEG test accuracy {log['jpeg_test_accuracy_before']:.4f} -> {log['jpeg_test_accuracy_after']:.4f} "
+        f"after {config.epochs} epochs ({log['train_seconds']:.0f} s); wrote {out} and {out.with_suffix('.json')}"
+    )
+    return 0
+
+
 def _add_bench_common(parser: argparse.ArgumentParser, out: str) -> None:
     from covguard.bench.common import CIFAR_MODELS
     from covguard.detectors.baselines import BASELINES
@@ -220,6 +241,22 @@ def build_parser() -> argparse.ArgumentParser:
     ood.add_argument("--variants", action="store_true",
                      help="variant sweep: covariance forms, rank, aggregation, class scoring, with the ID-only selection rule")
     ood.set_defaults(func=_bench_ood)
+    finetune = sub.add_parser(
+        "finetune", help="fine-tune a shared CIFAR-10 ResNet on the JPEG training set (crop + flip, SGD, cosine)"
+    )
+    finetune.add_argument("--model", required=True, choices=("resnet20", "resnet32", "resnet44"))
+    finetune.add_argument("--data", default=None, help="data root (default: $COVGUARD_DATA or ../shared/data)")
+    finetune.add_argument("--out", default=None, help="weights to write (default: checkpoints/<model>-jpeg.safetensors)")
+    finetune.add_argument("--epochs", type=int, default=3)
+    finetune.add_argument("--lr", type=float, default=0.01, help="peak SGD learning rate (cosine-decayed to 0)")
+    finetune.add_argument("--batch-size", type=int, default=128)
+    finetune.add_argument("--crop-padding", type=int, default=4, help="padding of the random crop (0: no crop)")
+    finetune.add_argument("--max-train", type=int, default=None, help="cap on training images (quick runs)")
+    finetune.add_argument("--seed", type=int, default=0)
+    finetune.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    finetune.add_argument("--force", action="store_true", help="overwrite an existing --out")
+    finetune.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    finetune.set_defaults(func=_finetune)
     from covguard.bench.shortcut import add_shortcut_arguments, run_shortcut_cli
     from covguard.heatmap import add_heatmap_arguments, run_heatmap_cli
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,6 +18,8 @@ from covguard.detectors.multi import fit_detectors
 from covguard.models import cifar_resnet
 
 __all__ = [
+    "CHECKPOINT_DIR",
+    "CHECKPOINT_KINDS",
     "CIFAR_LAYERS",
     "CIFAR_MODELS",
     "UInt8Batches",
@@ -25,6 +28,7 @@ __all__ = [
     "baseline_detectors",
     "checkpoint_path",
     "fit_on_train",
+    "finetuned_path",
     "format_mean_std",
     "load_cifar_model",
     "mean_std",
@@ -35,6 +39,10 @@ __all__ = [
 
 #: Shared pretrained CIFAR-10 checkpoints (see ../shared/data/README.md).
 CIFAR_MODELS = ("resnet20", "resnet32", "resnet44")
+#: Which weights a benchmark runs: the shared ones, or those fine-tuned on the JPEG training set.
+CHECKPOINT_KINDS = ("original", "finetuned")
+#: Where the repository keeps its fine-tuned weights.
+CHECKPOINT_DIR = Path(__file__).resolve().parents[3] / "checkpoints"
 #: The four stages tapped on the CIFAR ResNets; ``avgpool`` is the pooled penultimate feature.
 CIFAR_LAYERS = ("layer1", "layer2", "layer3", "avgpool")
 
@@ -47,11 +55,34 @@ def checkpoint_path(root: Path, name: str) -> Path:
     return found[0]
 
 
-def load_cifar_model(root: Path, name: str, device: str | torch.device = "cpu") -> nn.Module:
-    """A shared pretrained CIFAR ResNet in eval mode on ``device``."""
+def finetuned_path(name: str, checkpoint_dir: str | Path | None = None) -> Path:
+    """The fine-tuned weights ``<checkpoint_dir>/<name>-jpeg.safetensors`` (``covguard finetune``).
+
+    ``checkpoint_dir`` defaults to ``$COVGUARD_CHECKPOINTS``, else the ``checkpoints/`` folder of
+    the source checkout, where the repository keeps them.
+    """
+    if checkpoint_dir is None:
+        checkpoint_dir = os.environ.get("COVGUARD_CHECKPOINTS") or CHECKPOINT_DIR
+    return Path(checkpoint_dir) / f"{name}-jpeg.safetensors"
+
+
+def load_cifar_model(
+    root: Path, name: str, device: str | torch.device = "cpu", *, checkpoints: str = "original",
+    checkpoint_dir: str | Path | None = None,
+) -> nn.Module:
+    """A CIFAR ResNet in eval mode on ``device``: the shared pretrained weights (``"original"``)
+    or those fine-tuned on the JPEG training set (``"finetuned"``, :func:`finetuned_path`)."""
     if name not in CIFAR_MODELS:
         raise ValueError(f"model must be one of {CIFAR_MODELS}; got {name!r}")
-    return cifar_resnet(name, checkpoint_path(root, name)).to(device).eval()
+    if checkpoints not in CHECKPOINT_KINDS:
+        raise ValueError(f"checkpoints must be one of {CHECKPOINT_KINDS}; got {checkpoints!r}")
+    if checkpoints == "original":
+        path = checkpoint_path(root, name)
+    else:
+        path = finetuned_path(name, checkpoint_dir)
+        if not path.is_file():
+            raise FileNotFoundError(f"no fine-tuned checkpoint for model {name!r}: expected {str(path)!r} (covguard finetune writes it)")
+    return cifar_resnet(name, path).to(device).eval()
 
 
 @torch.no_grad()

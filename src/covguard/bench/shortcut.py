@@ -67,6 +67,7 @@ from covguard.detectors import Detector, PatchMahalanobis
 from covguard.detectors.baselines import BASELINES
 from covguard.detectors.multi import fit_detectors, score_detectors
 from covguard.features import model_device
+from covguard.finetune import finetune
 from covguard.heatmap import heatmap_figures, patch_geometry, score_maps, top_patch_hits
 from covguard.html_report import add_html_report
 from covguard.metrics import evaluate
@@ -77,7 +78,6 @@ __all__ = [
     "ShortcutConfig",
     "ShortcutResult",
     "add_shortcut_arguments",
-    "finetune_last_stage",
     "render_markdown",
     "run_shortcut",
     "run_shortcut_cli",
@@ -196,93 +196,6 @@ def _seeded_subset(n: int, limit: int | None, seed: int) -> Tensor:
 # ---- models -----------------------------------------------------------------------------------
 
 
-def finetune_last_stage(
-    model: nn.Module,
-    images: Tensor,
-    labels: Tensor,
-    *,
-    trainable: Sequence[str] = ("layer3", "linear"),
-    epochs: int = 3,
-    lr: float = 0.01,
-    batch_size: int = 128,
-    seed: int = 0,
-    flip: bool = True,
-    progress: bool = True,
-) -> list[float]:
-    """Fine-tune only the named modules of a classifier; the rest stays frozen, in eval mode.
-
-    SGD with Nesterov momentum 0.9, weight decay 5e-4, cosine decay of ``lr`` to 0 over all
-    steps; random horizontal flips when ``flip``. Frozen BatchNorm layers keep their running
-    statistics (eval mode); those of the trained modules are updated. Seeded and reproducible
-    on CPU. The model is left in eval mode with every parameter's ``requires_grad`` restored.
-
-    Parameters
-    ----------
-    model : nn.Module
-        Classifier on ``[0, 1]`` images, trained in place.
-    images : Tensor of shape (N, C, H, W)
-        uint8 (divided by 255 per batch) or float in ``[0, 1]``.
-    labels : Tensor of shape (N,), int64
-    trainable : sequence of str
-        Names in ``model.named_modules()`` of the modules to train.
-    epochs, lr, batch_size, seed, flip, progress
-        As described above.
-
-    Returns
-    -------
-    list of float
-        Mean cross-entropy of each epoch.
-    """
-    modules = dict(model.named_modules())
-    unknown = [name for name in trainable if name not in modules]
-    if unknown:
-        raise ValueError(f"trainable modules {unknown} are not modules of the model")
-    if images.ndim != 4 or labels.shape != (images.shape[0],) or images.shape[0] == 0:
-        raise ValueError(f"images must be (N, C, H, W) with N >= 1 and labels (N,); got {tuple(images.shape)}, {tuple(labels.shape)}")
-    saved = {name: p.requires_grad for name, p in model.named_parameters()}
-    params = [p for name in trainable for p in modules[name].parameters()]
-    device = model_device(model)
-    n = images.shape[0]
-    steps = epochs * math.ceil(n / batch_size)
-    gen = torch.Generator().manual_seed(seed)
-    losses = []
-    try:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for p in params:
-            p.requires_grad_(True)
-        optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
-        model.eval()
-        for name in trainable:
-            modules[name].train()
-        for epoch in tqdm(range(epochs), desc="fine-tune", unit="epoch", disable=not progress):
-            order = torch.randperm(n, generator=gen)
-            total = 0.0
-            for i in tqdm(range(0, n, batch_size), desc=f"epoch {epoch + 1}", leave=False, disable=not progress):
-                idx = order[i : i + batch_size]
-                x = images[idx]
-                x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()  # (n, C, H, W)
-                if flip:
-                    mirror = torch.rand(len(idx), generator=gen) < 0.5
-                    x = torch.where(mirror[:, None, None, None], x.flip(-1), x)
-                loss = F.cross_entropy(model(x.to(device)), labels[idx].to(device))
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-                total += loss.item() * len(idx)
-            losses.append(total / n)
-            if not math.isfinite(losses[-1]):
-                raise FloatingPointError(f"fine-tuning diverged in epoch {epoch + 1}; lower lr (got {lr})")
-            logger.info("fine-tune epoch %d: loss %.4f", epoch + 1, losses[-1])
-    finally:
-        model.eval()
-        for name, p in model.named_parameters():
-            p.requires_grad_(saved[name])
-    return losses
-
-
 def _float_loader(data: ShortcutSet, batch_size: int):
     """Re-iterable (x, y) batches of float32 [0, 1] images, converted one batch at a time."""
 
@@ -358,7 +271,7 @@ def _prepare_cifar(cfg: dict) -> dict:
     fit_idx = rest if cfg["max_train"] is None else rest[: cfg["max_train"]]
     tic = time.perf_counter()
     model = load_cifar_model(root, cfg["model"], cfg["device"])
-    losses = finetune_last_stage(
+    losses = finetune(
         model, marked.images[tune_idx], marked.labels[tune_idx], trainable=("layer3", "linear"), epochs=cfg["epochs"],
         lr=cfg["lr"], batch_size=cfg["batch_size"], seed=cfg["seed"], progress=cfg["progress"],
     )
