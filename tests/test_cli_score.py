@@ -37,7 +37,7 @@ def setup(tmp_path_factory):
     det = cg.SimpleMahalanobis(model, layers=["block2", "block3"]).fit([blobs(200, 1)], progress=False)
     guard = cg.Guard(model, det).calibrate([blobs(1000, 2)], tpr=0.9, progress=False)
     guard.save(root / "guard.safetensors")
-    det.save(root / "plain.safetensors")
+    cg.save(det, root / "plain.safetensors")
     folder = root / "images"
     (folder / "sub").mkdir(parents=True)
     pictures = {}

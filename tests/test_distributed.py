@@ -77,11 +77,12 @@ def worker(rank, port, model, out):
         shards = data()["shards"]
         train, hold = shards[rank]
         for kind in ("simple", "class"):  # distributed by default: the process group is initialized
-            build(model, kind).fit(train, holdout=hold, progress=False).save(f"{out}/{kind}-rank{rank}.safetensors")
+            cg.save(build(model, kind).fit(train, holdout=hold, progress=False), f"{out}/{kind}-rank{rank}.safetensors")
         # an empty shard on rank 1 contributes nothing
-        build(model, "simple").fit(
+        empty = build(model, "simple").fit(
             shards[0][0] if rank == 0 else [], holdout=shards[0][1] if rank == 0 else [], progress=False
-        ).save(f"{out}/empty-rank{rank}.safetensors")
+        )
+        cg.save(empty, f"{out}/empty-rank{rank}.safetensors")
         # a NaN on rank 1 raises on both ranks instead of leaving rank 0 waiting
         bad = [(b[0].clone(), b[1]) for b in train]
         if rank == 1:

@@ -124,4 +124,4 @@ def test_guard_errors(tiny_model, detector, images, tmp_path):
     with pytest.warns(UserWarning, match=r"TPR on new data will vary by about \+-4.9 points"):
         guard.calibrate([x[:20]], progress=False)
     with pytest.raises(ValueError, match="holds a detector without a guard calibration"):
-        cg.load_guard(detector.save(tmp_path / "d.safetensors"), tiny_model)
+        cg.load_guard(cg.save(detector, tmp_path / "d.safetensors"), tiny_model)

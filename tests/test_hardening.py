@@ -110,7 +110,7 @@ def test_nonfinite_input_scores_inf_is_flagged_and_warned(fitted, data, value):
     assert torch.isfinite(out.scores[others]).all()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # maps warn nothing: +inf where a patch touches the bad value
-        m = fitted.score_map(x)["feat"]
+        m = fitted.distance_maps(x)["feat"]
     assert not torch.isnan(m).any() and torch.isinf(m[n]).any()
 
 

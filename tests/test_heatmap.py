@@ -149,7 +149,7 @@ def cli_setup(tmp_path_factory):
     save_file(model.state_dict(), str(root / "weights.safetensors"))
     gen = torch.Generator().manual_seed(0)
     x = torch.rand(120, 1, 16, 16, generator=gen) * 0.3
-    cg.SimpleMahalanobis(model, layers=["block1", "block2"]).fit([x], progress=False).save(root / "det.safetensors")
+    cg.save(cg.SimpleMahalanobis(model, layers=["block1", "block2"]).fit([x], progress=False), root / "det.safetensors")
     folder = root / "images"
     folder.mkdir()
     for i in range(3):

@@ -12,7 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import covguard as cg
-from covguard.detectors.base import parameter_sha256
+from covguard.features import parameter_sha256
 from covguard.persistence import FORMAT_VERSION, read_metadata
 
 
@@ -43,13 +43,13 @@ def rewrite(raw, change):
 @pytest.fixture(scope="module")
 def saved(tiny_model, tmp_path_factory):
     path = tmp_path_factory.mktemp("persist") / "det.safetensors"
-    return fit(tiny_model).save(path)
+    return cg.save(fit(tiny_model), path)
 
 
 def test_same_seed_and_data_give_identical_bytes(tiny_model, saved, tmp_path):
-    again = fit(tiny_model).save(tmp_path / "again.safetensors")
+    again = cg.save(fit(tiny_model), tmp_path / "again.safetensors")
     assert again.read_bytes() == saved.read_bytes()
-    other = fit(tiny_model, seed=2).save(tmp_path / "other.safetensors")
+    other = cg.save(fit(tiny_model, seed=2), tmp_path / "other.safetensors")
     assert other.read_bytes() != saved.read_bytes()
 
 
@@ -182,5 +182,5 @@ def test_loading_never_unpickles(tiny_model, saved, monkeypatch):
 
 def test_save_is_atomic_and_leaves_no_temporary_files(tiny_model, saved, tmp_path):
     det = cg.load(saved, tiny_model)
-    path = det.save(tmp_path / "sub" / "d.safetensors")
+    path = cg.save(det, tmp_path / "sub" / "d.safetensors")
     assert [p.name for p in path.parent.iterdir()] == ["d.safetensors"]

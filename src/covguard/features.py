@@ -6,13 +6,46 @@ removes them on exit; captured outputs are handed over and cleared after each fo
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import hashlib
+from collections.abc import Iterator, Sequence
 from types import TracebackType
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["FeatureTap", "check_layers", "model_device"]
+__all__ = ["FeatureTap", "check_layers", "eval_mode", "model_device", "model_dtype", "parameter_sha256"]
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """Dtype of the model's first floating-point parameter (float32 for a model without one)."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put ``model`` in eval mode for the duration of a ``with`` block.
+
+    On exit every submodule gets back its own ``training`` flag, so a model with, say, a frozen
+    BatchNorm in eval mode inside a network in train mode comes back exactly as it was.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The network to switch.
+
+    Yields
+    ------
+    nn.Module
+        ``model``, now in eval mode.
+    """
+    modes = [(module, module.training) for module in model.modules()]  # pre-order: parents first
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, training in modes:
+            module.train(training)
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -40,6 +73,20 @@ def check_layers(model: nn.Module, layers: Sequence[str]) -> tuple[str, ...]:
     if len(set(layers)) != len(layers):
         raise ValueError(f"layers must be distinct; got {list(layers)}")
     return layers
+
+
+def parameter_sha256(model: nn.Module) -> str:
+    """SHA-256 (hex) of the model's state dict: every tensor's key, dtype, shape and bytes, in key order.
+
+    Identifies the exact weights a detector was fitted on (parameters and persistent buffers
+    such as BatchNorm running statistics); any fine-tuning step changes it.
+    """
+    digest = hashlib.sha256()
+    for key, tensor in model.state_dict().items():
+        t = tensor.detach().to("cpu").contiguous().reshape(-1)  # (numel,)
+        digest.update(f"{key}|{t.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 class FeatureTap:

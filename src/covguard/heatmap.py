@@ -1,6 +1,6 @@
 """Per-patch heatmaps: where in the image the features stop fitting.
 
-A patch detector's :meth:`~covguard.detectors.patch.PatchMahalanobis.score_map` gives, for every
+A patch detector's :meth:`~covguard.detectors.patch.PatchMahalanobis.distance_maps` gives, for every
 tapped layer, the squared distance of each ``k x k`` patch of the feature map, shape
 ``(N, H', W')``. This module places those maps on the input image and draws them:
 
@@ -88,7 +88,7 @@ class PatchGeometry:
 
 def patch_geometry(detector: PatchMahalanobis, layer: str, map_size: Sequence[int], input_size: Sequence[int]) -> PatchGeometry:
     """The :class:`PatchGeometry` of ``layer`` for a map of ``map_size`` from an input of ``input_size``."""
-    k, p = detector.kernel_size[layer], detector.padding[layer]
+    k, p = detector.gaussians[layer].kernel_size, detector.gaussians[layer].padding
     hp, wp = int(map_size[0]), int(map_size[1])
     h, w = int(input_size[0]), int(input_size[1])
     hf, wf = hp + k - 1 - 2 * p, wp + k - 1 - 2 * p  # feature-map side
@@ -166,7 +166,7 @@ def check_heatmap_layers(detector: PatchMahalanobis, layers: Sequence[str] | Non
     """
     if not isinstance(detector, PatchMahalanobis):
         raise TypeError(
-            f"detector must be a patch detector (SimpleMahalanobis, ClassMahalanobis) with score_map; got {type(detector).__name__}"
+            f"detector must be a patch detector (SimpleMahalanobis, ClassMahalanobis) with distance_maps; got {type(detector).__name__}"
         )
     if layers is None:
         return tuple(detector.layers)
@@ -180,9 +180,9 @@ def check_heatmap_layers(detector: PatchMahalanobis, layers: Sequence[str] | Non
 
 @torch.no_grad()
 def score_maps(detector: PatchMahalanobis, x: Tensor, *, layers: Sequence[str] | None = None, batch_size: int = 128) -> dict[str, Tensor]:
-    """:meth:`score_map` in batches, on the CPU: ``{layer: (N, H', W')}`` for the requested layers."""
+    """:meth:`~covguard.detectors.patch.PatchMahalanobis.distance_maps` in batches, on the CPU: ``{layer: (N, H', W')}`` for the requested layers."""
     layers = check_heatmap_layers(detector, layers)
-    chunks = [detector.score_map(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]
+    chunks = [detector.distance_maps(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]
     return {layer: torch.cat([c[layer].cpu() for c in chunks]) for layer in layers}
 
 
@@ -222,7 +222,7 @@ def heatmap_figures(
     layers : sequence of str, optional
         Layers to draw, a subset of ``detector.layers``; default all.
     maps : mapping of str to Tensor of shape (N, H', W'), optional
-        Precomputed :meth:`score_map` output (saves a forward pass); computed when None.
+        Precomputed :func:`score_maps` output (saves a forward pass); computed when None.
     boxes : Tensor of shape (N, 4), optional
         A box ``(top, left, height, width)`` to outline on every panel (height 0: none).
     titles : sequence of str, optional

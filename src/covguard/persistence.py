@@ -45,9 +45,9 @@ from torch import nn
 
 from covguard.covariance import QuadraticForm
 from covguard.detectors import DETECTORS
-from covguard.detectors.base import check_is_fitted, eval_mode, parameter_sha256
+from covguard.detectors.base import check_is_fitted
 from covguard.detectors.patch import PatchMahalanobis
-from covguard.features import FeatureTap, model_device
+from covguard.features import FeatureTap, eval_mode, model_device, parameter_sha256
 
 __all__ = ["FORMAT_VERSION", "load", "read_metadata", "save"]
 
@@ -82,7 +82,7 @@ def save(detector: PatchMahalanobis, path: str | Path, *, calibration: dict[str,
             value = getattr(form, field)
             if value is not None:
                 tensors[f"forms/{layer}/{field}"] = value.detach().cpu().contiguous()
-    params = detector.hyperparameters()
+    params = detector.get_params()
     fingerprint = {
         "layers": list(detector.layers),
         "channels": detector.channels_,
@@ -209,11 +209,10 @@ def load(path: str | Path, model: nn.Module, *, strict_model: bool = True) -> Pa
             if strict_model:
                 raise ValueError(f"{message}; pass strict_model=False to accept a fine-tuned model")
             warnings.warn(f"{message}; scores may not be calibrated for this model", RuntimeWarning, stacklevel=2)
-    detector.forms_ = forms
-    detector.channels_ = channels
-    detector.score_mean_, detector.score_std_ = tensors["standardize/mean"], tensors["standardize/std"]
-    detector.input_shape_ = input_shape
-    detector.model_sha256_ = expected
+    detector.set_state(
+        forms, channels, score_mean=tensors["standardize/mean"], score_std=tensors["standardize/std"],
+        input_shape=input_shape, model_sha256=expected,
+    )
     return detector
 
 

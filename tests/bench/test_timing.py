@@ -38,7 +38,7 @@ def test_fast_path_matches_naive_unfold_in_float32(model, data, spec):
     det = spec.build(model, ["layer1", "layer2", "layer3"]).fit(fit, holdout=holdout, progress=False)
     naive = NaiveReference(det)
     assert max_relative_error(det, naive, x) <= 1e-4
-    maps = det.score_map(x)
+    maps = det.distance_maps(x)
     with torch.no_grad():
         logits, feats = det.forward(x)
     weights = naive.group_weights(logits)

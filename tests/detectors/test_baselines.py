@@ -279,7 +279,7 @@ def test_degenerate_settings_warn_or_raise(tiny_model, images):
         BASELINES["knn"](tiny_model).fit([x[:20]], progress=False)
     with pytest.warns(RuntimeWarning, match="dim=9 is not below C=6; using dim=5"):
         BASELINES["vim"](tiny_model, dim=9).fit([x], progress=False)
-    with pytest.raises(TypeError, match="reads the loader twice"):
+    with pytest.raises(TypeError, match="reads the loader 2 times"):
         BASELINES["vim"](tiny_model).fit(iter([x]), progress=False)
     with pytest.warns(RuntimeWarning, match=r"classes \[2\] have no fit samples"):
         BASELINES["mds"](tiny_model).fit([(x[y != 2], y[y != 2])], progress=False)

@@ -37,14 +37,14 @@ def test_simple_matches_numpy_reference(tiny_model, images):
     x, y = images
     det = cg.SimpleMahalanobis(tiny_model, layers=["block1", "block2"]).fit(loader(x, y, 50), progress=False)
     x_test, _ = make_images(20, seed=7, shift=0.1)
-    got = det.score_layers(x_test)
+    got = det.layer_scores(x_test)
     train, test = feature_maps(tiny_model, x), feature_maps(tiny_model, x_test)
-    for layer in ("block1", "block2"):
+    for i, layer in enumerate(("block1", "block2")):
         p = unfold_np(train[layer]).reshape(-1, train[layer].shape[1] * 9)
         mu, P = ridge_inverse(p)
         q = unfold_np(test[layer]) - mu  # (N, L, D)
         ref = np.einsum("nld,de,nle->nl", q, P, q).mean(1)
-        np.testing.assert_allclose(got[layer].double().numpy(), ref, rtol=2e-4)
+        np.testing.assert_allclose(got[:, i].numpy(), ref, rtol=2e-4)
 
 
 @pytest.mark.parametrize("scoring", ["top1", "mixture"])
@@ -109,20 +109,20 @@ def test_score_map_shapes_and_max_aggregate(tiny_model, images):
     x, y = images
     det = cg.SimpleMahalanobis(tiny_model, layers=["block1", "block2"], aggregate="max", padding={"block1": 1, "block2": 0})
     det.fit(loader(x, y, 80), progress=False)
-    maps = det.score_map(x[:4])
+    maps = det.distance_maps(x[:4])
     assert maps["block1"].shape == (4, 8, 8) and maps["block2"].shape == (4, 2, 2)
-    layer_scores = det.score_layers(x[:4])
-    torch.testing.assert_close(layer_scores["block2"], maps["block2"].flatten(1).amax(1))
+    layer_scores = det.layer_scores(x[:4])  # (4, 2) float64
+    torch.testing.assert_close(layer_scores[:, 1], maps["block2"].flatten(1).amax(1).double())
 
 
 def test_layers_combined_by_holdout_zscores(tiny_model, images):
     x, y = images
     holdout, _ = make_images(50, seed=11)
     det = cg.SimpleMahalanobis(tiny_model, layers=["block1", "block2"]).fit(loader(x, y, 80), holdout=[holdout], progress=False)
-    hold = det.score_layers(holdout)
-    z = torch.stack([(hold[k].double() - hold[k].double().mean()) / hold[k].double().std() for k in ("block1", "block2")], 1)
+    hold = det.layer_scores(holdout)  # (N, 2) float64
+    z = (hold - hold.mean(0)) / hold.std(0)
     torch.testing.assert_close(det.score(holdout).double(), z.sum(1), rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(det.combine_layer_scores(hold), det.score(holdout))
+    torch.testing.assert_close(det.combine(hold), det.score(holdout))
 
 
 def test_empty_class_falls_back_to_pooled_with_warning(tiny_model, images):
@@ -137,9 +137,9 @@ def test_save_load_round_trip(tiny_model, images, tmp_path):
     x, y = images
     det = cg.ClassMahalanobis(tiny_model, layers=["block1", "block2"], covariance="lowrank", rank=5, scoring="mixture")
     det.fit(loader(x, y, 64), progress=False)
-    path = det.save(tmp_path / "det.safetensors")
+    path = cg.save(det, tmp_path / "det.safetensors")
     loaded = cg.load(path, tiny_model)
-    assert isinstance(loaded, cg.ClassMahalanobis) and loaded.hyperparameters() == det.hyperparameters()
+    assert isinstance(loaded, cg.ClassMahalanobis) and loaded.get_params() == det.get_params()
     assert torch.equal(loaded.score(x[:20]), det.score(x[:20]))
 
 
@@ -153,7 +153,7 @@ def test_load_refuses_model_with_other_channels(tiny_model, images, tmp_path):
     other.block1[1] = torch.nn.BatchNorm2d(5)
     other.block2[1] = torch.nn.Conv2d(5, 6, 3, padding=1)
     with pytest.raises(ValueError, match=r"'block1': fitted C=4, model C=5"):
-        cg.load(det.save(tmp_path / "d.safetensors"), other)
+        cg.load(cg.save(det, tmp_path / "d.safetensors"), other)
 
 
 def test_load_refuses_corrupt_file(tmp_path, tiny_model):

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from covguard.features import eval_mode
 
 __all__ = [
     "Attack",
@@ -110,32 +110,6 @@ def check_batch(x: Tensor, y: Tensor, *, x_name: str = "x") -> Tensor:
         )
         raise ValueError(f"y must be a torch.long tensor of shape ({x.shape[0]},); got {received}")
     return y.to(x.device)
-
-
-@contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Put ``model`` in eval mode for the duration of a ``with`` block.
-
-    On exit every submodule gets back its own ``training`` flag, so a model with, say, a frozen
-    BatchNorm in eval mode inside a network in train mode comes back exactly as it was.
-
-    Parameters
-    ----------
-    model : nn.Module
-        The network to switch.
-
-    Yields
-    ------
-    nn.Module
-        ``model``, now in eval mode.
-    """
-    modes = [(module, module.training) for module in model.modules()]  # pre-order: parents first
-    model.eval()
-    try:
-        yield model
-    finally:
-        for module, training in modes:
-            module.train(training)
 
 
 def input_gradient(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:

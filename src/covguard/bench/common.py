@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import copy
 import os
 import statistics
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
@@ -122,14 +121,15 @@ def patch_detectors(
     return dets
 
 
-def add_mixture(detectors: dict[str, Detector], *, top_m: int = 3) -> None:
+def add_mixture(detectors: dict[str, Detector], holdout: Iterable, *, top_m: int = 3, progress: bool = False) -> None:
     """Add ``class_mahalanobis_mixture``: the fitted top-1 class detector scored as a mixture.
 
-    Class statistics do not depend on the scoring rule, so the fitted state is shared.
+    Class statistics do not depend on the scoring rule, so the fitted forms are shared; the
+    layer scores of the new scoring are standardized anew on ``holdout`` (held-out
+    in-distribution images).
     """
-    mixture = copy.copy(detectors["class_mahalanobis_top1"])
-    mixture.scoring, mixture.top_m = "mixture", top_m
-    detectors["class_mahalanobis_mixture"] = mixture
+    top1 = detectors["class_mahalanobis_top1"]
+    detectors["class_mahalanobis_mixture"] = top1.refit(holdout=holdout, scoring="mixture", top_m=top_m, progress=progress)
 
 
 def baseline_detectors(model: nn.Module, names: Sequence[str], *, fc_layer: str = "linear") -> dict[str, Detector]:
@@ -237,5 +237,5 @@ def fit_on_train(
     }
     fit_detectors(list(detectors.values()), fit_loader, holdout=hold_loader, progress=progress)
     if mixture:
-        add_mixture(detectors)
+        add_mixture(detectors, hold_loader, progress=progress)
     return detectors, {"n_fit": len(fit_loader.images), "n_holdout": len(hold_loader.images)}

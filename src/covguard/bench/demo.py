@@ -119,9 +119,8 @@ def _scores(det: Detector, x: Tensor, batch_size: int) -> tuple[Tensor, dict[str
     """Combined scores (N,) and, for patch detectors, each layer's scores {layer: (N,)}."""
     if not isinstance(det, PatchMahalanobis):
         return torch.cat([det.score(x[i : i + batch_size]).cpu() for i in range(0, len(x), batch_size)]), {}
-    chunks = [det.score_layers(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]
-    layers = {layer: torch.cat([c[layer].cpu() for c in chunks]) for layer in det.layers}
-    return det.combine_layer_scores(layers), layers
+    layer_scores = torch.cat([det.layer_scores(x[i : i + batch_size]).cpu() for i in range(0, len(x), batch_size)])
+    return det.combine(layer_scores), {layer: layer_scores[:, i] for i, layer in enumerate(det.layers)}
 
 
 def run_demo(out: str | Path, config: DemoConfig = DemoConfig()) -> DemoResult:

@@ -19,7 +19,6 @@
 
 from __future__ import annotations
 
-import copy
 import logging
 import time
 from collections.abc import Sequence
@@ -33,6 +32,7 @@ from covguard.bench.common import accuracy, fit_on_train, format_mean_std, load_
 from covguard.data.images import jpeg_matched
 from covguard.data.registry import load_set
 from covguard.data.synthetic import gaussian_noise, uniform_noise
+from covguard.detectors.likelihood import log_likelihood
 from covguard.detectors.multi import score_detectors
 from covguard.metrics import evaluate, fpr_at_95tpr_ood_positive
 from covguard.html_report import add_html_report
@@ -152,16 +152,12 @@ def _variant_sweep(detectors: dict, train, sets: dict, x_id: Tensor, id_scores: 
     for name, (base, changes) in VARIANTS.items():
         if not changes:
             same_as[name] = base
-        elif set(changes) == {"scoring"}:  # class scoring: same statistics, new standardization
-            built[name] = copy.copy(detectors[base])
-            built[name].scoring = changes["scoring"]
-            built[name].standardize(hold, progress=cfg.progress)
         else:
             built[name] = detectors[base].refit(holdout=hold, progress=cfg.progress, **changes)
     every = {**{n: detectors[b] for n, b in same_as.items()}, **built}
     out = {}
     for name, det in every.items():
-        ll = torch.cat([det.log_likelihood(criterion_images[i : i + cfg.batch_size])
+        ll = torch.cat([log_likelihood(det, criterion_images[i : i + cfg.batch_size])
                         for i in range(0, len(criterion_images), cfg.batch_size)])  # (n, n_layers)
         out[name] = {"holdout_log_likelihood": ll.mean().item(), "auroc": {}}
     if built:

@@ -470,8 +470,9 @@ def run_shortcut(out: str | Path, config: ShortcutConfig = ShortcutConfig()) -> 
     # Detectors: fitted on the marked training data, standardized on held-out marked data.
     tic = time.perf_counter()
     detectors = _detectors(model, cfg)
-    fit_detectors(list(detectors.values()), _float_loader(prep["fit"], bs), holdout=_float_loader(prep["hold"], bs), progress=cfg["progress"])
-    add_mixture(detectors)
+    holdout = _float_loader(prep["hold"], bs)
+    fit_detectors(list(detectors.values()), _float_loader(prep["fit"], bs), holdout=holdout, progress=cfg["progress"])
+    add_mixture(detectors, holdout, progress=cfg["progress"])
     order = [HEADLINE, *[d for d in detectors if d != HEADLINE]]
     detectors = {name: detectors[name] for name in order}
     seconds["fit"] = time.perf_counter() - tic

@@ -223,13 +223,14 @@ class NaiveReference:
         return torch.zeros_like(probs).scatter_(1, top_k, top_p / top_p.sum(1, keepdim=True)).to(self.dtype)
 
     def layer_scores(self, logits: Tensor, feats: dict[str, Tensor]) -> Tensor:
-        """Aggregated squared distances, shape (N, n_layers), like ``detector.score_layers``."""
+        """Aggregated squared distances, shape (N, n_layers), like ``detector.layer_scores``."""
         det = self.detector
         weights = self.group_weights(logits)  # (N, K) or None
         cols = []
         for layer in det.layers:
             f = feats[layer].to(self.dtype)
-            p = patch_vectors(f, kernel_size=det.kernel_size[layer], padding=det.padding[layer])  # (N, L, D) explicit unfold
+            g = det.gaussians[layer]
+            p = patch_vectors(f, kernel_size=g.kernel_size, padding=g.padding)  # (N, L, D) explicit unfold
             mean, P = self.means[layer], self.precisions[layer]
             if weights is None:
                 dev = p - mean[0]  # (N, L, D)
@@ -249,14 +250,13 @@ class NaiveReference:
         det = self.detector
         with FeatureTap(det.model, det.layers) as tap:
             logits, feats = tap(x)
-        scores = self.layer_scores(logits, feats)
-        return det.combine_layer_scores({layer: scores[:, i] for i, layer in enumerate(det.layers)})
+        return det.combine(self.layer_scores(logits, feats))
 
 
 def max_relative_error(detector: PatchMahalanobis, naive: NaiveReference, x: Tensor) -> float:
     """max over images and layers of ``|fast - naive| / |naive|`` for the per-layer scores."""
     with torch.no_grad():
-        fast = torch.stack([s for s in detector.score_layers(x).values()], dim=1).double()  # (N, n_layers)
+        fast = detector.layer_scores(x)  # (N, n_layers) float64
         with FeatureTap(detector.model, detector.layers) as tap:
             logits, feats = tap(x)
         ref = naive.layer_scores(logits, feats).double()

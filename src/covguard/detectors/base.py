@@ -1,15 +1,21 @@
 """The detector contract: ``fit(loader)`` then ``score(x)``; larger score = more anomalous.
 
+Two levels, as in pytorch-ood: the model level (``fit(loader)``, ``score(x)``) runs the network
+and calls the features level (``partial_fit(logits, feats, y)`` per batch, ``finish_fit()`` per
+pass over the data, ``score_features(logits, feats)``), which anyone holding the captured
+features can call directly (:func:`~covguard.detectors.multi.fit_detectors` fits many detectors
+from one forward pass this way). A detector whose fit reads the data more than once declares
+it in :attr:`Detector.fit_passes`.
+
 The base class owns the plumbing every detector shares and nothing else: input validation,
 eval mode (restored afterwards), ``no_grad``, one forward pass capturing the layers a detector
-needs, progress bars over loaders. Subclasses implement the features-level hooks
-``_fit_begin`` / ``_fit_batch`` / ``_fit_end`` and ``score_features``.
+needs, progress bars over loaders. Subclasses implement the hooks ``_fit_begin`` /
+``_fit_batch`` / ``_fit_end_pass`` / ``_fit_end`` behind the public features-level methods.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
+import inspect
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
@@ -19,17 +25,16 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from covguard.features import FeatureTap, check_layers, model_device
+from covguard.detectors.distributed import sync_shards, use_distributed
+from covguard.features import FeatureTap, check_layers, eval_mode, model_device, model_dtype
 
 __all__ = [
     "Detector",
     "NotFittedError",
+    "check_finite_features",
     "check_is_fitted",
     "eval_mode",
-    "parameter_sha256",
-    "sync_shards",
     "unpack_batch",
-    "use_distributed",
     "warn_nonfinite",
 ]
 
@@ -44,17 +49,6 @@ def check_is_fitted(detector: Detector) -> None:
         raise NotFittedError(f"{type(detector).__name__} is not fitted yet; call fit(loader) first")
 
 
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Put ``model`` in eval mode for the block and restore its previous mode after."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was_training)
-
-
 def unpack_batch(batch: Any) -> tuple[Tensor, Tensor | None]:
     """Split a loader batch into images and optional labels.
 
@@ -66,82 +60,6 @@ def unpack_batch(batch: Any) -> tuple[Tensor, Tensor | None]:
         y = batch[1] if len(batch) > 1 and isinstance(batch[1], Tensor) else None
         return batch[0], y
     raise TypeError(f"loader batches must be a Tensor x or a tuple (x, y); got {type(batch).__name__}")
-
-
-def parameter_sha256(model: nn.Module) -> str:
-    """SHA-256 (hex) of the model's state dict: every tensor's key, dtype, shape and bytes, in key order.
-
-    Identifies the exact weights a detector was fitted on (parameters and persistent buffers
-    such as BatchNorm running statistics); any fine-tuning step changes it.
-    """
-    digest = hashlib.sha256()
-    for key, tensor in model.state_dict().items():
-        t = tensor.detach().to("cpu").contiguous().reshape(-1)  # (numel,)
-        digest.update(f"{key}|{t.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-def use_distributed(distributed: bool | None) -> bool:
-    """Resolve a ``distributed=`` argument: None means "when torch.distributed is initialized".
-
-    Raises
-    ------
-    ValueError
-        If ``distributed=True`` and no process group is initialized.
-    """
-    import torch.distributed as dist
-
-    initialized = dist.is_available() and dist.is_initialized()
-    if distributed is None:
-        return initialized
-    if distributed and not initialized:
-        raise ValueError(
-            "distributed=True needs an initialized torch.distributed process group: call "
-            "torch.distributed.init_process_group first (torchrun sets the environment it reads)"
-        )
-    return bool(distributed)
-
-
-def sync_shards(
-    error: BaseException | None, shape: tuple[int, ...] | None, device: torch.device
-) -> list[tuple[int, ...] | None]:
-    """Exchange, across the process group, whether each rank's local pass failed and what it saw.
-
-    Every rank calls this after a local pass, error or not, so that no rank is left waiting in
-    a later collective. If any rank failed, every rank raises: the failed ranks their own error,
-    the others a RuntimeError naming the failed ranks.
-
-    Parameters
-    ----------
-    error : BaseException or None
-        What this rank's local pass raised.
-    shape : tuple of int or None
-        The input shape (C, H, W) this rank saw; None for an empty shard.
-    device : torch.device
-        Where the exchanged tensor lives (the model's device: CUDA for ``nccl``).
-
-    Returns
-    -------
-    list of (tuple of int or None)
-        The shape each rank saw, indexed by rank.
-    """
-    import torch.distributed as dist
-
-    rank, world = dist.get_rank(), dist.get_world_size()
-    table = torch.zeros(world, 5, dtype=torch.int64, device=device)  # (ranks, [failed, seen, C, H, W])
-    table[rank, 0] = int(error is not None)
-    if shape is not None:
-        table[rank, 1] = 1
-        table[rank, 2:] = torch.tensor(shape, dtype=torch.int64)
-    dist.all_reduce(table)
-    table = table.cpu()
-    failed = table[:, 0].nonzero().flatten().tolist()
-    if error is not None:
-        raise error
-    if failed:
-        raise RuntimeError(f"fit failed on rank(s) {failed} of {world}; see the error raised there")
-    return [tuple(row[2:].tolist()) if row[1] else None for row in table]
 
 
 class Detector(ABC):
@@ -163,33 +81,116 @@ class Detector(ABC):
     #: ``_fit_reduce`` implemented).
     supports_distributed: ClassVar[bool] = False
 
-    @property
-    def single_pass(self) -> bool:
-        """Whether :meth:`fit` is one streaming pass of ``_fit_batch`` calls, which
-        :func:`~covguard.detectors.multi.fit_detectors` can share with other detectors."""
-        return True
+    #: Passes over the fit data (ViM, e.g., reads it twice); see :meth:`finish_fit`.
+    fit_passes: int = 1
 
     def __init__(self, model: nn.Module, *, layers: Iterable[str] = ()) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
         self.model = model
-        self.layers = check_layers(model, tuple(layers))
+        self.layers = check_layers(model, layers)
         self.input_shape_: tuple[int, int, int] | None = None
+        self.fitted_ = False
+        self._pass: int | None = None  # the pass partial_fit accumulates into; None between fits
 
     @property
     def is_fitted(self) -> bool:
-        return not self.requires_fit or self.input_shape_ is not None
+        return not self.requires_fit or self.fitted_
+
+    def get_params(self) -> dict[str, Any]:
+        """The constructor's keyword arguments as given (scikit-learn's convention), ``model`` aside."""
+        signature = inspect.signature(type(self).__init__)
+        names = [p.name for p in signature.parameters.values() if p.kind is p.KEYWORD_ONLY]
+        return {name: getattr(self, name) for name in names}
+
+    def clone(self, **changes: Any) -> Detector:
+        """A new, unfitted detector of the same class and model with ``changes`` to its parameters.
+
+        Raises
+        ------
+        ValueError
+            If ``changes`` names a parameter the detector does not take.
+        """
+        params = self.get_params()
+        unknown = sorted(set(changes) - set(params))
+        if unknown:
+            raise ValueError(f"{type(self).__name__} has no parameters {unknown}; it takes {sorted(params)}")
+        return type(self)(self.model, **{**params, **changes})
+
+    # ---- features-level fitting ----------------------------------------------------------------
+
+    @property
+    def current_pass(self) -> int | None:
+        """Index of the fit pass being accumulated (0 .. ``fit_passes - 1``); None between fits."""
+        return self._pass
+
+    def partial_fit(self, logits: Tensor, feats: dict[str, Tensor], y: Tensor | None = None) -> Detector:
+        """Accumulate one batch of captured features into the current fit pass.
+
+        The first call after a finished (or no) fit starts a new fit and forgets the learned
+        state. Feature maps must be finite (:func:`check_finite_features`).
+
+        Parameters
+        ----------
+        logits : Tensor of shape (N, K)
+        feats : dict of str to Tensor
+            The output of every layer in ``layers``, e.g. {layer: (N, C, H, W)}.
+        y : Tensor of shape (N,), optional
+            Integer labels, for detectors that need them.
+
+        Returns
+        -------
+        Detector
+            ``self``.
+        """
+        if self._pass is None:
+            self._start_fit()
+        self._fit_batch(logits, feats, y)
+        return self
+
+    def finish_fit(self, *, input_shape: tuple[int, int, int] | None = None) -> Detector:
+        """End the current pass over the fit data; after the last one, set the learned state.
+
+        A detector with ``fit_passes > 1`` needs the same data fed again through
+        :meth:`partial_fit` after each earlier pass.
+
+        Parameters
+        ----------
+        input_shape : tuple (C, H, W), optional
+            The images' shape, recorded for persistence and checks at load time.
+
+        Returns
+        -------
+        Detector
+            ``self``.
+        """
+        if self._pass is None:
+            raise ValueError("finish_fit needs partial_fit calls first: nothing is being fitted")
+        self._fit_end_pass(self._pass)
+        if self._pass + 1 < self.fit_passes:
+            self._pass += 1
+            return self
+        self._pass = None
+        self._fit_end()
+        self.input_shape_ = None if input_shape is None else tuple(int(v) for v in input_shape)
+        self.fitted_ = True
+        return self
+
+    def _start_fit(self) -> None:
+        self._pass, self.fitted_, self.input_shape_ = 0, False, None
+        self._fit_begin()
 
     # ---- model-level API -------------------------------------------------------------------
 
     def fit(self, loader: Iterable, *, progress: bool = True, distributed: bool | None = None) -> Detector:
-        """Fit on in-distribution data in one streaming pass.
+        """Fit on in-distribution data in ``fit_passes`` streaming passes over ``loader``.
 
         Parameters
         ----------
         loader : iterable of Tensor (N, C, H, W) or of tuples (x, y)
             In-distribution images in the model's input range; labels (N,) where the detector
-            needs them. With ``distributed``, this process's shard of the data.
+            needs them. Re-iterable (a list, a DataLoader) when ``fit_passes > 1``. With
+            ``distributed``, this process's shard of the data.
         progress : bool
             Show a progress bar.
         distributed : bool, optional
@@ -209,48 +210,56 @@ class Detector(ABC):
             Empty loader (on every rank); activations that are not finite (naming the layer and
             the batch); ``distributed=True`` without a process group or for a detector that
             cannot merge its statistics; ranks that fed different input shapes.
+        TypeError
+            A one-shot iterator as ``loader`` of a multi-pass fit.
         """
         if distributed and not self.supports_distributed:
             raise ValueError(f"{type(self).__name__} cannot fit distributed; fit it on one process (distributed=False)")
         distributed = self.supports_distributed and use_distributed(distributed)
-        self.input_shape_ = None
-        self._fit_begin()
-        shape, error = None, None
+        if self.fit_passes > 1 and iter(loader) is loader:
+            raise TypeError(
+                f"loader must be re-iterable (a list or a DataLoader, not a one-shot iterator): {type(self).__name__} "
+                f"reads the loader {self.fit_passes} times"
+            )
+        self._start_fit()
         rank = ""
         if distributed:
             import torch.distributed as dist
 
             rank = f" on rank {dist.get_rank()}"
-        try:
-            batches = self._forward_loader(loader, progress, f"fit {type(self).__name__}")
-            for index, (x, logits, feats, y) in enumerate(batches):
-                shape = shape or tuple(x.shape[1:])
-                for name, f in feats.items():
-                    if not torch.isfinite(f).all():
-                        raise ValueError(f"activations of layer {name!r} in batch {index}{rank} contain NaN or inf")
-                self._fit_batch(logits, feats, y)
-        except Exception as err:
-            if not distributed:
-                raise
-            error = err
-        if distributed:
-            shapes = sync_shards(error, shape, model_device(self.model))
-            seen = sorted({s for s in shapes if s is not None})
-            if not seen:
-                raise ValueError("loader is empty on every rank: fit needs at least one batch of in-distribution images")
-            if len(seen) > 1:
-                raise ValueError(f"every rank must feed images of one shape (C, H, W); ranks saw {shapes}")
-            if shape is None:  # empty shard: set up zero statistics of the right sizes
-                with eval_mode(self.model), torch.no_grad(), FeatureTap(self.model, self.layers) as tap:
-                    x = torch.zeros(1, *seen[0], dtype=self._model_dtype(), device=model_device(self.model))
-                    self._fit_prepare(*tap(x))
-                shape = seen[0]
-            self._fit_reduce()
-        if shape is None:
-            raise ValueError("loader is empty: fit needs at least one batch of in-distribution images")
-        self._fit_end()
-        self.input_shape_ = shape
+        for index in range(self.fit_passes):
+            desc = f"fit {type(self).__name__}" + (f" (pass {index + 1})" if self.fit_passes > 1 else "")
+            shape, error = None, None
+            try:
+                for b, (x, logits, feats, y) in enumerate(self._forward_loader(loader, progress, desc)):
+                    shape = shape or tuple(x.shape[1:])
+                    check_finite_features(feats, f"batch {b}{rank}")
+                    self.partial_fit(logits, feats, y)
+            except Exception as err:
+                if not distributed:
+                    raise
+                error = err
+            if distributed:
+                shape = self._reduce_shards(error, shape)
+            if shape is None:
+                raise ValueError("loader is empty: fit needs at least one batch of in-distribution images")
+            self.finish_fit(input_shape=shape)
         return self
+
+    def _reduce_shards(self, error: BaseException | None, shape: tuple | None) -> tuple:
+        """All-reduce the statistics of every rank's shard; returns the common input shape."""
+        shapes = sync_shards(error, shape, model_device(self.model))
+        seen = sorted({s for s in shapes if s is not None})
+        if not seen:
+            raise ValueError("loader is empty on every rank: fit needs at least one batch of in-distribution images")
+        if len(seen) > 1:
+            raise ValueError(f"every rank must feed images of one shape (C, H, W); ranks saw {shapes}")
+        if shape is None:  # empty shard: set up zero statistics of the right sizes
+            with eval_mode(self.model), torch.no_grad(), FeatureTap(self.model, self.layers) as tap:
+                x = torch.zeros(1, *seen[0], dtype=model_dtype(self.model), device=model_device(self.model))
+                self._fit_prepare(*tap(x))
+        self._fit_reduce()
+        return seen[0]
 
     @torch.no_grad()
     def score(self, x: Tensor) -> Tensor:
@@ -282,7 +291,7 @@ class Detector(ABC):
         """Validate ``x`` and run the model once: logits (N, K) and the detector's feature maps."""
         check_is_fitted(self)
         with eval_mode(self.model), FeatureTap(self.model, self.layers) as tap:
-            return tap(self._check_input(x))
+            return tap(self.check_input(x))
 
     @torch.no_grad()
     def logits_and_scores(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -317,7 +326,10 @@ class Detector(ABC):
         """Reset the accumulated statistics."""
 
     def _fit_batch(self, logits: Tensor, feats: dict[str, Tensor], y: Tensor | None) -> None:
-        """Accumulate one batch."""
+        """Accumulate one batch into pass :attr:`current_pass`."""
+
+    def _fit_end_pass(self, index: int) -> None:
+        """Between passes of a multi-pass fit: derive what the next pass needs."""
 
     def _fit_end(self) -> None:
         """Turn the statistics into the learned state."""
@@ -332,15 +344,19 @@ class Detector(ABC):
 
     # ---- plumbing ----------------------------------------------------------------------------
 
-    def _model_dtype(self) -> torch.dtype:
-        return next((p.dtype for p in self.model.parameters() if p.is_floating_point()), torch.float32)
+    def check_input(self, x: Tensor) -> Tensor:
+        """Validate a batch of images (N, C, H, W) for the model and move it to the model's device.
 
-    def _check_input(self, x: Tensor) -> Tensor:
+        Raises
+        ------
+        TypeError, ValueError
+            Not a tensor; not 4-D; not the model's dtype; other channels than at fit time.
+        """
         if not isinstance(x, Tensor):
             raise TypeError(f"x must be a torch.Tensor of shape (N, C, H, W); got {type(x).__name__}")
         if x.ndim != 4:
             raise ValueError(f"x must be a 4-D tensor (N, C, H, W); got shape {tuple(x.shape)}")
-        dtype = self._model_dtype()
+        dtype = model_dtype(self.model)
         if x.dtype != dtype:
             raise ValueError(f"x must have the model's dtype {dtype}; got {x.dtype}")
         if self.input_shape_ is not None and x.shape[1] != self.input_shape_[0]:
@@ -360,9 +376,23 @@ class Detector(ABC):
                 x, y = unpack_batch(batch)
                 if x.shape[0] == 0:
                     continue
-                x = self._check_input(x)
+                x = self.check_input(x)
                 logits, feats = tap(x)
                 yield x, logits, feats, None if y is None else y.to(device)
+
+
+def check_finite_features(feats: dict[str, Tensor], where: str) -> None:
+    """Raise ValueError naming the first layer of ``feats`` whose activations hold NaN or inf.
+
+    Parameters
+    ----------
+    feats : dict of str to Tensor
+    where : str
+        Which batch, for the message (``"batch 3"``).
+    """
+    for name, f in feats.items():
+        if not torch.isfinite(f).all():
+            raise ValueError(f"activations of layer {name!r} in {where} contain NaN or inf")
 
 
 def warn_nonfinite(scores: Tensor, bad: Tensor) -> Tensor:

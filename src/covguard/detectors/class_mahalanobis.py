@@ -3,23 +3,15 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Iterable, Mapping
 
-import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from covguard.class_stats import SharedBasisClassMoments, reduced_quadratic_form
-from covguard.detectors.base import parameter_sha256
+from covguard.detectors.class_weights import CLASS_WEIGHTS, SCORINGS, ClassWeighting
 from covguard.detectors.patch import PatchMahalanobis
-from covguard.stats import Moments
+from covguard.detectors.patch_gaussian import ExactAccumulator, SharedBasisAccumulator
 
-__all__ = ["ClassMahalanobis", "CLASS_WEIGHTS", "SCORINGS"]
-
-
-CLASS_WEIGHTS = ("label", "probs", "correct")
-SCORINGS = ("top1", "mixture")
+__all__ = ["CLASS_WEIGHTS", "SCORINGS", "ClassMahalanobis"]
 
 
 class ClassMahalanobis(PatchMahalanobis):
@@ -47,7 +39,7 @@ class ClassMahalanobis(PatchMahalanobis):
         Memory ``D^2 + K (D + r^2)`` numbers instead of ``K D^2``: 100 classes at ``D = 4608``
         need 0.2 GB instead of 17 GB. Needs ``covariance="lowrank"`` (rank <= basis_rank) with
         ``shrinkage="ridge"``; not distributed.
-    **kwargs
+    model, layers, covariance, rank, shrinkage, eps, kernel_size, padding, aggregate, keep_moments
         As :class:`~covguard.detectors.patch.PatchMahalanobis`.
     """
 
@@ -56,124 +48,64 @@ class ClassMahalanobis(PatchMahalanobis):
         model: nn.Module,
         *,
         layers: Iterable[str],
+        covariance: str = "full",
+        rank: int = 64,
+        shrinkage: str = "ridge",
+        eps: float = 0.01,
+        kernel_size: int | Mapping[str, int] = 3,
+        padding: int | Mapping[str, int] = 0,
+        aggregate: str = "mean",
+        keep_moments: bool = False,
         class_weights: str = "label",
         scoring: str = "top1",
         top_m: int = 3,
         basis_rank: int | None = None,
-        **kwargs: Any,
     ) -> None:
-        super().__init__(model, layers=layers, **kwargs)
+        super().__init__(
+            model, layers=layers, covariance=covariance, rank=rank, shrinkage=shrinkage, eps=eps,
+            kernel_size=kernel_size, padding=padding, aggregate=aggregate, keep_moments=keep_moments,
+        )
         if basis_rank is not None:
-            if basis_rank < 1:
-                raise ValueError(f"basis_rank must be a positive integer or None; got {basis_rank}")
-            if self.config.form != "lowrank" or self.config.shrinkage != "ridge" or self.config.rank > basis_rank:
+            if isinstance(basis_rank, bool) or not isinstance(basis_rank, int) or basis_rank < 1:
+                raise ValueError(f"basis_rank must be a positive integer or None; got {basis_rank!r}")
+            if covariance != "lowrank" or shrinkage != "ridge" or rank > basis_rank:
                 raise ValueError(
                     f"basis_rank needs covariance='lowrank' with rank <= basis_rank and shrinkage='ridge'; got "
-                    f"covariance={self.config.form!r}, rank={self.config.rank}, shrinkage={self.config.shrinkage!r}"
+                    f"covariance={covariance!r}, rank={rank}, shrinkage={shrinkage!r}"
                 )
-            if self.keep_moments:
+            if keep_moments:
                 raise ValueError("keep_moments=True needs exact class moments; it cannot be combined with basis_rank")
         if class_weights not in CLASS_WEIGHTS:
             raise ValueError(f"class_weights must be one of {CLASS_WEIGHTS}; got {class_weights!r}")
         if scoring not in SCORINGS:
             raise ValueError(f"scoring must be one of {SCORINGS}; got {scoring!r}")
-        if top_m < 1:
-            raise ValueError(f"top_m must be >= 1; got {top_m}")
-        self.class_weights = class_weights
-        self.scoring = scoring
-        self.top_m = top_m
-        self.basis_rank = basis_rank
+        if isinstance(top_m, bool) or not isinstance(top_m, int) or top_m < 1:
+            raise ValueError(f"top_m must be an integer >= 1; got {top_m!r}")
+        self.class_weights, self.scoring, self.top_m, self.basis_rank = class_weights, scoring, top_m, basis_rank
+        self.weighting = ClassWeighting(class_weights, scoring, top_m)
         self.empty_classes_: dict[str, list[int]] = {}
-        self._loader: Iterable | None = None
-        self._reduced: dict[str, SharedBasisClassMoments] = {}
-
-    def hyperparameters(self) -> dict[str, Any]:
-        return {
-            **super().hyperparameters(), "class_weights": self.class_weights, "scoring": self.scoring, "top_m": self.top_m,
-            "basis_rank": self.basis_rank,
-        }
 
     @property
-    def single_pass(self) -> bool:
-        return self.basis_rank is None  # reduced statistics read the loader twice
+    def supports_distributed(self) -> bool:  # reduced statistics do not all-reduce
+        return self.basis_rank is None
 
-    def fit(
-        self, loader: Iterable, *, holdout: Iterable | None = None, progress: bool = True, distributed: bool | None = None
-    ) -> ClassMahalanobis:
-        """As :meth:`PatchMahalanobis.fit`; with ``basis_rank``, two passes over ``loader`` (not distributed)."""
+    @property
+    def fit_passes(self) -> int:
+        return 1 if self.basis_rank is None else 2  # reduced statistics: basis, then classes inside it
+
+    def _new_accumulator(self, dim: int, n_groups: int) -> ExactAccumulator | SharedBasisAccumulator:
         if self.basis_rank is None:
-            return super().fit(loader, holdout=holdout, progress=progress, distributed=distributed)
-        if distributed:
-            raise ValueError("basis_rank statistics cannot fit distributed; fit on one process (distributed=False)")
-        if iter(loader) is loader:
-            raise ValueError("loader must be re-iterable (a list or a DataLoader, not an iterator): basis_rank fits in two passes")
-        self._loader, self._progress = loader, progress
-        try:
-            return super().fit(loader, holdout=holdout, progress=progress, distributed=False)
-        finally:
-            self._loader = None
-
-    # ---- reduced statistics (basis_rank): pass 1 in _fit_batch, basis and pass 2 in _fit_end ----
-
-    def _fit_prepare(self, logits: Tensor, feats: dict[str, Tensor]) -> None:
-        if self.basis_rank is None:
-            return super()._fit_prepare(logits, feats)
-        for layer, f in feats.items():
-            self._check_map(layer, f)
-            if layer not in self._reduced:
-                self.channels_[layer] = f.shape[1]
-                D = f.shape[1] * self.kernel_size[layer] ** 2
-                self._reduced[layer] = SharedBasisClassMoments(D, logits.shape[1], rank=self.basis_rank)
-
-    def _fit_batch(self, logits: Tensor, feats: dict[str, Tensor], y: Tensor | None) -> None:
-        if self.basis_rank is None:
-            return super()._fit_batch(logits, feats, y)
-        self._fit_prepare(logits, feats)
-        for layer, (p, w) in self._patches(logits, feats, y).items():
-            self._reduced[layer].update_pooled(p, w)
-
-    def _fit_end(self) -> None:
-        if self.basis_rank is None:
-            return super()._fit_end()
-        for acc in self._reduced.values():
-            acc.fit_basis()
-        for _, logits, feats, y in self._forward_loader(self._loader, self._progress, "fit ClassMahalanobis (pass 2)"):
-            for layer, (p, w) in self._patches(logits, feats, y).items():
-                self._reduced[layer].update(p, w)
-        self._cache = {}
-        for layer, acc in self._reduced.items():
-            stats = acc.result()
-            empty = self._empty_classes(layer, stats.n)
-            self._set_form(layer, reduced_quadratic_form(stats.with_pooled(empty) if empty else stats, self.config))
-        self._reduced = {}
-        self.model_sha256_ = parameter_sha256(self.model)
-
-    def _n_groups(self, logits: Tensor) -> int:
-        return logits.shape[1]
-
-    def _weights(self, logits: Tensor, y: Tensor | None) -> Tensor:
-        K = logits.shape[1]
-        if self.class_weights == "probs":
-            return logits.double().softmax(1).to(logits.dtype)
-        if y is None:
-            raise ValueError(f"class_weights={self.class_weights!r} needs labels: the loader must yield (x, y) batches")
-        if y.ndim != 1 or y.shape[0] != logits.shape[0] or y.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"y must be integer class labels of shape ({logits.shape[0]},); got {y.dtype} {tuple(y.shape)}")
-        if y.min() < 0 or y.max() >= K:
-            raise ValueError(f"y must hold labels in [0, {K - 1}] (the model has {K} outputs); got range [{y.min()}, {y.max()}]")
-        w = F.one_hot(y.long(), K).to(logits.dtype)  # (N, K)
-        if self.class_weights == "correct":
-            w = w * (logits.argmax(1) == y)[:, None]
-        return w
+            return ExactAccumulator(dim, n_groups)
+        return SharedBasisAccumulator(dim, n_groups, self.basis_rank)
 
     def _fit_begin(self) -> None:
         super()._fit_begin()
-        self.empty_classes_, self._reduced = {}, {}
+        self.empty_classes_ = {}
 
-    def _empty_classes(self, layer: str, n: Tensor) -> list[int]:
+    def _empty_groups(self, layer: str, counts: Tensor) -> list[int]:
         """Classes of total weight 0 (recorded and warned: they take pooled statistics); raises if all are."""
-        empty = (n <= 0).nonzero().flatten().tolist()
-        if len(empty) == len(n):
+        empty = (counts <= 0).nonzero().flatten().tolist()
+        if len(empty) == len(counts):
             raise ValueError(
                 f"no class received any weight at layer {layer!r} (class_weights={self.class_weights!r}); "
                 "with 'correct', the model classified no fit image correctly"
@@ -183,23 +115,6 @@ class ClassMahalanobis(PatchMahalanobis):
             warnings.warn(
                 f"classes {empty} have no fit samples at layer {layer!r}; they use the pooled statistics of all classes",
                 RuntimeWarning,
-                stacklevel=5,
+                stacklevel=6,
             )
         return empty
-
-    def _finalize_moments(self, layer: str, moments: Moments) -> Moments:
-        empty = self._empty_classes(layer, moments.n)
-        if not empty:
-            return moments
-        pooled = moments.pooled()
-        n, mean, scatter = moments.n.clone(), moments.mean.clone(), moments.scatter.clone()
-        n[empty], mean[empty], scatter[empty] = pooled.n, pooled.mean, pooled.scatter
-        return Moments(n, mean, scatter)
-
-    def _group_weights(self, logits: Tensor) -> Tensor:
-        """(N, K): one-hot predicted class (``top1``) or renormalized top-``m`` probabilities."""
-        if self.scoring == "top1":
-            return F.one_hot(logits.argmax(1), logits.shape[1]).to(logits.dtype)
-        probs = logits.softmax(1)  # (N, K)
-        top_p, top_k = probs.topk(min(self.top_m, probs.shape[1]), dim=1)  # (N, m)
-        return torch.zeros_like(probs).scatter_(1, top_k, top_p / top_p.sum(1, keepdim=True))

@@ -1,8 +1,7 @@
 """MDS: Mahalanobis distance to class means with a tied covariance (Lee et al., 2018).
 
 Also home of the helpers the penultimate-feature baselines share (RMDS, KNN, ViM, ReAct):
-flattening the pooled features, label checks, streaming class means with a tied scatter, and
-squared Mahalanobis distances through a whitening matrix.
+flattening the pooled features and squared Mahalanobis distances through a whitening matrix.
 """
 
 from __future__ import annotations
@@ -14,8 +13,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from covguard.detectors.base import Detector, check_is_fitted, warn_nonfinite
+from covguard.detectors.labels import check_labels
+from covguard.stats import TiedMoments
 
-__all__ = ["MDS", "TiedMoments", "check_labels", "penultimate_features", "sq_distances", "whitening"]
+__all__ = ["MDS", "penultimate_features", "sq_distances", "whitening"]
 
 
 def penultimate_features(feats: dict[str, Tensor], layer: str, channels: int | None = None) -> Tensor:
@@ -46,18 +47,6 @@ def penultimate_features(feats: dict[str, Tensor], layer: str, channels: int | N
     if channels is not None and f.shape[1] != channels:
         raise ValueError(f"feature_layer {layer!r} must have C={channels} channels (as at fit); got {f.shape[1]}")
     return f
-
-
-def check_labels(y: Tensor | None, logits: Tensor, detector: str) -> Tensor:
-    """Validate integer labels (N,) against logits (N, K); returns them as int64."""
-    if y is None:
-        raise ValueError(f"{detector} needs labels: the loader must yield (x, y) batches")
-    N, K = logits.shape
-    if y.ndim != 1 or y.shape[0] != N or y.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"y must be integer class labels of shape ({N},); got {y.dtype} {tuple(y.shape)}")
-    if y.min() < 0 or y.max() >= K:
-        raise ValueError(f"y must hold labels in [0, {K - 1}] (the model has {K} outputs); got range [{y.min()}, {y.max()}]")
-    return y.long()
 
 
 def whitening(cov: Tensor) -> Tensor:
@@ -98,50 +87,6 @@ def sq_distances(z: Tensor, means: Tensor, *, chunk_elements: int = 2**22) -> Te
     step = max(1, chunk_elements // max(1, z.shape[0] * z.shape[1]))
     out = [((z[:, None, :] - means[None, k : k + step]) ** 2).sum(-1) for k in range(0, means.shape[0], step)]  # (N, k_chunk)
     return torch.cat(out, dim=1)
-
-
-class TiedMoments:
-    """Streaming class counts, class means and pooled within-class scatter, in float64.
-
-    Memory ``O(K C + C^2)``, unlike per-class scatters (``K C^2``: 2 GB for 1000 classes of
-    512-d features). Each batch is centered on its own class means and merged with Chan's
-    formula, summed over classes: ``W = W_a + W_b + sum_k n_ak n_bk / n_k d_k d_k^T``,
-    ``d_k = mean_bk - mean_ak``.
-
-    Parameters
-    ----------
-    n_classes : int
-        ``K``.
-    dim : int
-        ``C``.
-    device : torch.device, optional
-    """
-
-    def __init__(self, n_classes: int, dim: int, device: torch.device | None = None) -> None:
-        self.n = torch.zeros(n_classes, dtype=torch.float64, device=device)  # (K,)
-        self.mean = torch.zeros(n_classes, dim, dtype=torch.float64, device=device)  # (K, C)
-        self.within = torch.zeros(dim, dim, dtype=torch.float64, device=device)  # (C, C)
-
-    def update(self, f: Tensor, y: Tensor) -> TiedMoments:
-        """Add features (N, C) with labels (N,) in [0, K); returns ``self``."""
-        f64 = f.double()
-        onehot = F.one_hot(y, self.n.shape[0]).double()  # (N, K)
-        n_b = onehot.sum(0)  # (K,)
-        mean_b = (onehot.T @ f64) / n_b.clamp_min(1)[:, None]  # (K, C)
-        dev = f64 - mean_b[y]  # (N, C)
-        n = self.n + n_b
-        delta = mean_b - self.mean  # (K, C)
-        coef = self.n * n_b / n.clamp_min(1)  # (K,) 0 where a class is new or absent from the batch
-        self.within += dev.T @ dev + (delta * coef[:, None]).T @ delta
-        self.mean += delta * (n_b / n.clamp_min(1))[:, None]
-        self.n = n
-        return self
-
-    def total(self) -> tuple[Tensor, Tensor]:
-        """Mean (C,) and scatter (C, C) of all features, labels ignored (within + between)."""
-        mean = (self.n @ self.mean) / self.n.sum()  # (C,)
-        d = self.mean - mean  # (K, C)
-        return mean, self.within + (d * self.n[:, None]).T @ d
 
 
 class MDS(Detector):

@@ -110,7 +110,7 @@ class ODIN(Detector):
         -------
         Tensor of shape (N,)
         """
-        x = self._check_input(x)
+        x = self.check_input(x)
         with eval_mode(self.model):
             x_tilde = odin_perturb(self.model, x, temperature=self.temperature, noise=self.noise)
             with torch.no_grad():

@@ -22,6 +22,6 @@ class SimpleMahalanobis(PatchMahalanobis):
     >>> det = SimpleMahalanobis(model, layers=["1"]).fit([x[:32], x[32:]], progress=False)
     >>> det.score(x[:5]).shape
     torch.Size([5])
-    >>> det.score_map(x[:5])["1"].shape
+    >>> det.distance_maps(x[:5])["1"].shape
     torch.Size([5, 6, 6])
     """

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable
-
 import torch
 from torch import Tensor, nn
 
@@ -30,13 +28,6 @@ def linear_head(model: nn.Module, name: str) -> nn.Linear:
         kind = type(modules[name]).__name__
         raise ValueError(f"fc_layer {name!r} must be an nn.Linear (the final classifier); got {kind}")  # noqa: TRY004
     return modules[name]
-
-
-def _check_reiterable(loader: Iterable, detector: str) -> None:
-    if iter(loader) is loader:
-        raise TypeError(
-            f"{detector}.fit reads the loader twice; pass a re-iterable loader (DataLoader, list), not a one-shot iterator"
-        )
 
 
 class ViM(Detector):
@@ -72,7 +63,7 @@ class ViM(Detector):
 
     Notes
     -----
-    Fit reads the loader twice (moments, then ``alpha``), so it must be re-iterable; no
+    Fit reads the loader twice (moments, then ``alpha``: ``fit_passes = 2``), so it must be re-iterable; no
     features are stored. The second-moment matrix is formed in float64 from streamed moments:
     ``E[(f - u)(f - u)^T] = S / M + (m - u)(m - u)^T``. ``W`` and ``b`` are copied at fit.
 
@@ -116,40 +107,8 @@ class ViM(Detector):
         """``||(f - u) R||`` (N,) float64."""
         return ((f.double() - self.origin_.to(f.device)) @ self.residual_basis_.to(f.device)).norm(dim=1)
 
-    @property
-    def single_pass(self) -> bool:
-        return False  # reads its loader twice
-
-    def fit(self, loader: Iterable, *, progress: bool = True) -> ViM:
-        """Fit ``u``, the principal subspace and ``alpha`` in two passes over ``loader``.
-
-        Parameters
-        ----------
-        loader : re-iterable of Tensor (N, C, H, W) or of tuples (x, y)
-            In-distribution images; labels are not used.
-        progress : bool
-            Show progress bars.
-
-        Returns
-        -------
-        ViM
-            ``self``.
-        """
-        _check_reiterable(loader, type(self).__name__)
-        self.alpha_ = None
-        super().fit(loader, progress=progress)
-        norms = torch.cat(
-            [
-                self._residual_norm(penultimate_features(feats, self.feature_layer, self.channels_)).cpu()
-                for _, _, feats, _ in self._forward_loader(loader, progress, "fit ViM alpha")
-            ]
-        )
-        if not norms.mean() > 0:
-            raise ValueError(
-                f"the fit features have no component outside the {self.dim_}-d principal subspace; use a smaller dim"
-            )
-        self.alpha_ = float(self._max_logit_sum / norms.numel() / norms.mean())
-        return self
+    #: Pass 1: the moments of the features and the mean max-logit; pass 2: the mean residual norm.
+    fit_passes = 2
 
     def _fit_begin(self) -> None:
         head = linear_head(self.model, self.fc_layer)
@@ -157,9 +116,16 @@ class ViM(Detector):
         bias = torch.zeros(head.out_features) if head.bias is None else head.bias.detach()
         self.bias_ = bias.to("cpu", torch.float64, copy=True)
         self._acc, self.channels_, self._max_logit_sum = None, None, 0.0
+        self._norm_sum, self._norm_count = 0.0, 0
+        self.alpha_ = None
 
     def _fit_batch(self, logits: Tensor, feats: dict[str, Tensor], y: Tensor | None) -> None:
         f = penultimate_features(feats, self.feature_layer, self.channels_)  # (N, C)
+        if self.current_pass == 1:
+            norms = self._residual_norm(f)  # (N,)
+            self._norm_sum += float(norms.sum())
+            self._norm_count += norms.numel()
+            return
         if self._acc is None:
             if f.shape[1] != self.weight_.shape[1]:
                 raise ValueError(
@@ -173,7 +139,9 @@ class ViM(Detector):
         self._acc.update(f)
         self._max_logit_sum += float(self._logits(f).amax(1).sum())
 
-    def _fit_end(self) -> None:
+    def _fit_end_pass(self, index: int) -> None:
+        if index > 0:
+            return
         C = self.channels_
         self.dim_ = C // 2 if self.dim is None else min(self.dim, C - 1)
         if self.dim is not None and self.dim_ < self.dim:
@@ -184,7 +152,16 @@ class ViM(Detector):
         second = moments.scatter[0].cpu() / moments.n[0].cpu() + torch.outer(shift, shift)  # (C, C) E[(f-u)(f-u)^T]
         _, evecs = torch.linalg.eigh(second)  # ascending eigenvalues
         self.residual_basis_ = evecs[:, : C - self.dim_]  # (C, C - dim) the smallest eigenvalues
+        self._fit_count = int(moments.n[0].item())
         self._acc = None
+
+    def _fit_end(self) -> None:
+        mean_norm = self._norm_sum / max(self._norm_count, 1)
+        if not mean_norm > 0:
+            raise ValueError(
+                f"the fit features have no component outside the {self.dim_}-d principal subspace; use a smaller dim"
+            )
+        self.alpha_ = float(self._max_logit_sum / self._fit_count / mean_norm)
 
     def score_features(self, logits: Tensor, feats: dict[str, Tensor]) -> Tensor:
         """``alpha ||(f - u) R|| - logsumexp(W f + b)`` (N,) from the features of ``feature_layer``."""

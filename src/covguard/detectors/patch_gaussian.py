@@ -1,0 +1,294 @@
+"""One layer's patch Gaussians: accumulate the moments of its patch vectors, estimate, score as a convolution.
+
+A :class:`PatchGaussian` owns one tapped layer: its patch geometry (``k x k`` patches of a
+zero-padded map, ``D = C k^2``), an accumulator of the moments of its patch vectors (pluggable:
+:class:`ExactAccumulator` keeps the exact moments of every group, :class:`SharedBasisAccumulator`
+the reduced class statistics of :mod:`covguard.class_stats` in two passes), the fitted
+:class:`~covguard.covariance.QuadraticForm` of each group, and the squared-distance map of new
+feature maps.
+
+Numerics at scoring time: distances are computed in the features' dtype, except when the
+form does not fit that dtype (activations near 1e30 give precisions near 1e-60, which float32
+flushes to zero): then in float64. Images whose distances still overflow are recomputed in
+float64. Maps come back in the compute dtype, with the rows of images whose activations are not
+finite marked.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+
+from covguard.class_stats import SharedBasisClassMoments, reduced_quadratic_form
+from covguard.covariance import CovarianceConfig, QuadraticForm, quadratic_form
+from covguard.patches import output_size, patch_mahalanobis_sq, patch_vectors
+from covguard.stats import Moments, StreamingMoments
+
+__all__ = ["ExactAccumulator", "PatchGaussian", "SharedBasisAccumulator", "fill_groups", "per_layer", "repair_degenerate", "saturate"]
+
+
+def fill_groups(moments: Moments, groups: list[int]) -> Moments:
+    """Give ``groups`` (of zero weight) the pooled moments of all groups."""
+    if not groups:
+        return moments
+    pooled = moments.pooled()
+    n, mean, scatter = moments.n.clone(), moments.mean.clone(), moments.scatter.clone()
+    n[groups], mean[groups], scatter[groups] = pooled.n, pooled.mean, pooled.scatter
+    return Moments(n, mean, scatter)
+
+
+def repair_degenerate(layer: str, moments: Moments) -> Moments:
+    """Give groups with zero variance in every coordinate the pooled covariance (or raise if all are)."""
+    trace = torch.diagonal(moments.scatter, dim1=-2, dim2=-1).sum(-1)  # (K,)
+    flat = (trace <= 0).nonzero().flatten()
+    if len(flat) == 0:
+        return moments
+    if len(flat) == moments.n_groups:
+        raise ValueError(
+            f"the fit patches of layer {layer!r} have zero variance in every coordinate (constant activations, "
+            "or a single patch); a Mahalanobis distance is undefined: fit on more varied images or tap another layer"
+        )
+    warnings.warn(
+        f"groups {flat.tolist()} have zero variance at layer {layer!r} (constant activations or a single patch); "
+        "they use the pooled covariance of all groups",
+        RuntimeWarning,
+        stacklevel=6,
+    )
+    keep = (trace > 0).nonzero().flatten()
+    pooled = Moments(moments.n[keep], moments.mean[keep], moments.scatter[keep]).pooled()
+    scatter = moments.scatter.clone()
+    scatter[flat] = moments.n[flat, None, None] * (pooled.scatter / pooled.n[:, None, None])  # (k, D, D)
+    return Moments(moments.n, moments.mean, scatter)
+
+
+def per_layer(value: int | Mapping[str, int], layers: tuple[str, ...], name: str) -> dict[str, int]:
+    """Expand an int or a {layer: int} mapping to every layer, validating it."""
+    if isinstance(value, Mapping):
+        missing = [layer for layer in layers if layer not in value]
+        if missing:
+            raise ValueError(f"{name} mapping must give a value for every layer; missing {missing}")
+        out = {layer: value[layer] for layer in layers}
+    else:
+        out = {layer: value for layer in layers}
+    low = 1 if name == "kernel_size" else 0
+    bad = {layer: v for layer, v in out.items() if isinstance(v, bool) or not isinstance(v, int) or v < low}
+    if bad:
+        raise ValueError(f"{name} must be an integer >= {low} (or a mapping of layer to one); got {bad}")
+    return out
+
+
+class ExactAccumulator:
+    """Exact weighted moments of ``K`` groups of patch vectors, in one pass (``K D^2`` numbers).
+
+    Batches are reduced in float32 after centering and merged in float64 (DESIGN.md, Fit):
+    twice the speed of a float64 reduction, about 1e-6 relative error per batch.
+    """
+
+    passes = 1
+
+    def __init__(self, dim: int, n_groups: int) -> None:
+        self._acc = StreamingMoments(dim, n_groups=n_groups, reduce_dtype=torch.float32)
+
+    @classmethod
+    def from_moments(cls, moments: Moments) -> ExactAccumulator:
+        """An accumulator holding given moments (float64)."""
+        acc = cls(moments.dim, moments.n_groups)
+        acc._acc.moments = moments
+        return acc
+
+    def update(self, pass_index: int, p: Tensor, w: Tensor | None) -> None:
+        """Add patches (M, D) with group weights (M, K) or None (one group)."""
+        # the detector checked every feature map: the patches of a finite map are finite
+        self._acc.update(p, w, check_finite=False)
+
+    def end_pass(self, pass_index: int) -> None:
+        """Nothing to do between passes: there is one."""
+
+    def all_reduce(self, device: torch.device) -> None:
+        """Sum the moments of every process of the group."""
+        self._acc.all_reduce(device=device)
+
+    @property
+    def moments(self) -> Moments:
+        """The accumulated moments (float64), K groups."""
+        return self._acc.moments
+
+    def counts(self) -> Tensor:
+        """Total weight of each group, shape (K,)."""
+        return self._acc.moments.n
+
+    def form(self, layer: str, config: CovarianceConfig, empty: list[int]) -> QuadraticForm:
+        """The fitted form; ``empty`` groups take the pooled statistics."""
+        return quadratic_form(repair_degenerate(layer, fill_groups(self._acc.moments, empty)), config)
+
+
+class SharedBasisAccumulator:
+    """Reduced class statistics (:class:`~covguard.class_stats.SharedBasisClassMoments`) in two passes.
+
+    Pass 0 accumulates the class means and the pooled within-class scatter, whose top ``rank``
+    eigenvectors become the shared basis at the end of the pass; pass 1 the class moments inside it.
+    """
+
+    passes = 2
+
+    def __init__(self, dim: int, n_groups: int, rank: int) -> None:
+        self._acc = SharedBasisClassMoments(dim, n_groups, rank=rank)
+
+    def update(self, pass_index: int, p: Tensor, w: Tensor) -> None:
+        if pass_index == 0:
+            self._acc.update_pooled(p, w)
+        else:
+            self._acc.update(p, w)
+
+    def end_pass(self, pass_index: int) -> None:
+        if pass_index == 0:
+            self._acc.fit_basis()
+
+    def all_reduce(self, device: torch.device) -> None:
+        raise ValueError("basis_rank statistics cannot fit distributed; fit on one process (distributed=False)")
+
+    def counts(self) -> Tensor:
+        return self._acc.result().n
+
+    def form(self, layer: str, config: CovarianceConfig, empty: list[int]) -> QuadraticForm:
+        stats = self._acc.result()
+        return reduced_quadratic_form(stats.with_pooled(empty) if empty else stats, config)
+
+
+class PatchGaussian:
+    """The patch Gaussians of one layer: geometry, the fitted form, and squared-distance maps.
+
+    Parameters
+    ----------
+    layer : str
+        Module name (for messages).
+    kernel_size : int
+        Patch side ``k``.
+    padding : int
+        Zero padding of the map before patch extraction.
+    """
+
+    def __init__(self, layer: str, *, kernel_size: int, padding: int) -> None:
+        self.layer, self.kernel_size, self.padding = layer, kernel_size, padding
+        self.channels_: int | None = None
+        self.form_: QuadraticForm | None = None
+        self._cache: dict[tuple, QuadraticForm] = {}
+
+    def check_map(self, f: Tensor) -> None:
+        """Raise ValueError unless ``f`` is a map (N, C, H, W) large enough, with the fitted C."""
+        if f.ndim != 4:
+            raise ValueError(f"layer {self.layer!r} must output a map (N, C, H, W); got shape {tuple(f.shape)}")
+        k, pad = self.kernel_size, self.padding
+        if min(f.shape[-2:]) + 2 * pad < k:
+            raise ValueError(
+                f"layer {self.layer!r} outputs a {f.shape[-2]}x{f.shape[-1]} map, too small for kernel_size={k} "
+                f"with padding={pad}; use a smaller kernel_size for it or a larger input"
+            )
+        if self.channels_ is not None and self.channels_ != f.shape[1]:
+            raise ValueError(f"layer {self.layer!r} must have C={self.channels_} channels (as at fit); got {f.shape[1]}")
+
+    def patches(self, f: Tensor, weights: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """Patch vectors (N L, D) of a map (N, C, H, W) and their group weights (N L, K) from
+        per-image weights (N, K), or None for one group."""
+        p = patch_vectors(f, kernel_size=self.kernel_size, padding=self.padding)  # (N, L, D)
+        w = None if weights is None else weights.repeat_interleave(p.shape[1], dim=0)  # (N L, K)
+        return p.reshape(-1, p.shape[-1]), w  # (N L, D)
+
+    def set_form(self, form: QuadraticForm, channels: int) -> None:
+        """Store the fitted form on the CPU, contiguous as a loaded file gives it (the same
+        memory layout gives bit-identical scores)."""
+        fields = (form.mean, form.proj, form.gain, form.diag)
+        self.form_ = QuadraticForm(*(None if t is None else t.cpu().contiguous() for t in fields))
+        self.channels_ = channels
+        self._cache = {}
+
+    def _form_for(self, dtype: torch.dtype, device: torch.device) -> QuadraticForm:
+        """The form in ``dtype`` on ``device``, or in float64 where ``dtype`` cannot hold it."""
+        key = (dtype, device)
+        if key not in self._cache:
+            self._cache = {key: self.form_.to(dtype if _fits(self.form_, dtype) else torch.float64, device)}
+        return self._cache[key]
+
+    def _map(self, f: Tensor, form: QuadraticForm, weights: Tensor | None) -> Tensor:
+        """Squared distances (N, H', W') in the dtype of ``form``."""
+        f = f.to(form.mean.dtype)
+        geometry = {"kernel_size": self.kernel_size, "padding": self.padding}
+        if weights is None:
+            return patch_mahalanobis_sq(f, form, **geometry)[:, 0]  # (N, H', W')
+        weights = weights.to(form.mean.dtype)
+        size = [output_size(n, self.kernel_size, self.padding) for n in f.shape[-2:]]
+        out = torch.zeros(f.shape[0], *size, dtype=f.dtype, device=f.device)  # (N, H', W')
+        # Score each image only against the groups it weights: K times less work for top-1.
+        for k in (weights > 0).any(0).nonzero().flatten().tolist():
+            rows = (weights[:, k] > 0).nonzero().flatten()
+            d2 = patch_mahalanobis_sq(f[rows], form.group(k), **geometry)[:, 0]  # (n_k, H', W')
+            out.index_add_(0, rows, d2 * weights[rows, k, None, None])
+        return out
+
+    def distance_map(self, f: Tensor, weights: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """Squared distance of every patch and which images have finite activations.
+
+        Every activation lies in some patch and reaches its distance with a nonzero weight, so a
+        non-finite activation always gives a non-finite distance: the (C times larger) feature
+        map is inspected only for images whose distances are not all finite.
+
+        Parameters
+        ----------
+        f : Tensor of shape (N, C, H, W)
+        weights : Tensor of shape (N, K), optional
+            Weight of each group in each image's distance (None: the one group).
+
+        Returns
+        -------
+        map : Tensor of shape (N, H', W')
+            In the features' dtype, or float64 where the form needs it; finite wherever the
+            activations are finite, except where float64 itself overflows.
+        finite : BoolTensor of shape (N,) or None
+            Images whose activations are finite; None when every distance is finite.
+        """
+        self.check_map(f)
+        m = self._map(f, self._form_for(f.dtype, f.device), weights)  # (N, H', W')
+        bad = ~torch.isfinite(m).flatten(1).all(1)  # (N,)
+        if not bool(bad.any()):
+            return m, None
+        ok = torch.isfinite(f).flatten(1).all(1)  # (N,)
+        redo = (ok & bad).nonzero().flatten()
+        if len(redo) and m.dtype != torch.float64:  # overflow in the features' dtype: recompute in float64
+            form64 = self.form_.to(torch.float64, f.device)
+            w64 = None if weights is None else weights[redo]
+            m = m.double().index_copy(0, redo, self._map(f[redo], form64, w64))
+        return m, ok
+
+
+def _fits(form: QuadraticForm, dtype: torch.dtype) -> bool:
+    """Whether ``dtype`` can score with ``form``: its mean and its largest weights within ``sqrt`` of the range.
+
+    The distances are sums of squared deviations times weights (``gain``, ``diag``): with the
+    mean below ``sqrt(max)`` and the largest weight within ``[sqrt(tiny), sqrt(max)]`` they stay
+    normal numbers. Projections are orthonormal: not checked.
+    """
+    info = torch.finfo(dtype)
+    low, high = info.tiny**0.5, info.max**0.5
+    if form.mean.abs().max() > high:
+        return False
+    for weights in (form.gain, form.diag):
+        if weights is not None:
+            largest = weights.abs().max()
+            if largest > high or 0 < largest < low:
+                return False
+    return True
+
+
+def saturate(values: Tensor, finite: Tensor | None, dtype: torch.dtype) -> Tensor:
+    """Cast (N, ...) values to ``dtype``: rows with finite activations (all rows when ``finite``
+    is None) saturate at its largest finite value (NaN included); the other rows keep +inf
+    where they are not finite."""
+    big = torch.finfo(dtype).max
+    values = torch.nan_to_num(values, nan=float("inf"), posinf=float("inf"), neginf=float("-inf"))
+    if finite is None:
+        return values.clamp(-big, big).to(dtype)
+    rows = finite.reshape(-1, *([1] * (values.ndim - 1)))
+    return torch.where(rows, values.clamp(-big, big), values).to(dtype)
