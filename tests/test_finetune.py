@@ -67,3 +67,37 @@ def test_bad_arguments_are_named(kwargs, message):
     x, y = _data()
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
         finetune(ResNetCIFAR(depth=8), x, y, progress=False, **kwargs)
+
+
+def test_finetuned_weights_load_from_the_checkpoint_folder_and_bad_keys_are_named(tmp_path):
+    from safetensors.torch import save_file
+
+    from covguard.bench.common import finetuned_path, load_cifar_model
+    from covguard.models import cifar_resnet
+
+    torch.manual_seed(0)
+    source = cifar_resnet("resnet20")
+    state = {k: v.contiguous() for k, v in source.state_dict().items()}
+    save_file(state, finetuned_path("resnet20", tmp_path))
+    model = load_cifar_model(tmp_path, "resnet20", checkpoints="finetuned", checkpoint_dir=tmp_path)
+    assert not model.training
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    del state["linear.bias"]
+    state["extra.weight"] = torch.zeros(1)
+    save_file(state, finetuned_path("resnet32", tmp_path))  # resnet20 keys under resnet32's name
+    with pytest.raises(ValueError, match="missing") as err:
+        load_cifar_model(tmp_path, "resnet32", checkpoints="finetuned", checkpoint_dir=tmp_path)
+    assert "unexpected" in str(err.value) and "extra.weight" in str(err.value)
+    with pytest.raises(FileNotFoundError, match="covguard finetune writes it"):
+        load_cifar_model(tmp_path, "resnet44", checkpoints="finetuned", checkpoint_dir=tmp_path)
+    with pytest.raises(ValueError, match="checkpoints must be one of"):
+        load_cifar_model(tmp_path, "resnet20", checkpoints="best")
+
+
+def test_finetune_command_never_overwrites_without_force(tmp_path, capsys):
+    from covguard.cli import main
+
+    out = tmp_path / "r20.safetensors"
+    out.write_bytes(b"keep me")
+    assert main(["finetune", "--model", "resnet20", "--data", str(tmp_path), "--out", str(out)]) == 2
+    assert "exists; pass --force" in capsys.readouterr().err and out.read_bytes() == b"keep me"

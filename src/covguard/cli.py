@@ -111,7 +111,7 @@ def _bench_adversarial(args: argparse.Namespace) -> int:
         models=tuple(args.models), attacks=tuple(args.attacks), eps=args.eps / 255, eps_l2=args.eps_l2,
         steps=args.steps, igm_scales=args.igm_scales, n_images=args.n_images, n_holdout=args.n_holdout,
         max_train=args.max_train, covariance=args.covariance, baselines=tuple(args.baselines), seed=args.seed,
-        batch_size=args.batch_size, device=args.device, progress=not args.no_progress,
+        batch_size=args.batch_size, device=args.device, checkpoints=args.checkpoints, progress=not args.no_progress,
         sweep_eps=tuple(e / 255 for e in args.sweep_eps), sweep_attacks=tuple(args.sweep_attacks),
     )
     tic = time.perf_counter()
@@ -127,7 +127,7 @@ def _bench_ood(args: argparse.Namespace) -> int:
     config = OODConfig(
         models=tuple(args.models), n_holdout=args.n_holdout, max_train=args.max_train, max_eval=args.max_eval,
         n_noise=args.n_noise, covariance=args.covariance, mixture=args.mixture, variants=args.variants, baselines=tuple(args.baselines), seed=args.seed,
-        batch_size=args.batch_size, device=args.device, progress=not args.no_progress,
+        batch_size=args.batch_size, device=args.device, checkpoints=args.checkpoints, progress=not args.no_progress,
     )
     tic = time.perf_counter()
     run_ood(_data_root(args.data), args.out, config)
@@ -158,12 +158,14 @@ def _finetune(args: argparse.Namespace) -> int:
 
 
 def _add_bench_common(parser: argparse.ArgumentParser, out: str) -> None:
-    from covguard.bench.common import CIFAR_MODELS
+    from covguard.bench.common import CHECKPOINT_KINDS, CIFAR_MODELS
     from covguard.detectors.baselines import BASELINES
 
     parser.add_argument("--data", default=None, help="data root (default: $COVGUARD_DATA or ../shared/data)")
     parser.add_argument("--out", default=out, help=f"report folder (default: {out})")
     parser.add_argument("--models", nargs="+", choices=CIFAR_MODELS, default=list(CIFAR_MODELS))
+    parser.add_argument("--checkpoints", choices=CHECKPOINT_KINDS, default="original",
+                        help="shared weights (original) or those fine-tuned on the JPEG training set (finetuned, checkpoints/)")
     parser.add_argument("--baselines", nargs="*", choices=sorted(BASELINES), default=list(BASELINES))
     parser.add_argument("--covariance", choices=("full", "diag", "lowrank"), default="full")
     parser.add_argument("--n-holdout", type=int, default=5000, help="training images held out to standardize layers")

@@ -28,7 +28,9 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from covguard.attacks import ATTACKS, success_mask
-from covguard.bench.common import CIFAR_LAYERS, accuracy, fit_on_train, format_mean_std, load_cifar_model, mean_std, predict
+from covguard.bench.common import (
+    CIFAR_LAYERS, accuracy, fit_on_train, format_mean_std, load_cifar_model, mean_std, predict, weights_description,
+)
 from covguard.data.registry import load_set
 from covguard.detectors.multi import score_detectors
 from covguard.metrics import evaluate
@@ -61,6 +63,7 @@ class AdversarialConfig:
     seed: int = 0
     batch_size: int = 256
     device: str = "cpu"
+    checkpoints: str = "original"  # "original" shared weights, or "finetuned" on the JPEG training set
     progress: bool = True
     sweep_eps: tuple[float, ...] = ()  # extra L-inf budgets (pixels in [0, 1]) for the budget sweep
     sweep_attacks: tuple[str, ...] = ("fgsm", "bim", "pgd")  # L-inf attacks run at every sweep budget
@@ -92,7 +95,7 @@ def _run_model(name: str, cfg: AdversarialConfig, root: Path, train, test) -> di
     """Fit, attack and score one checkpoint; returns its JSON-ready results and raw scores."""
     seconds = {}
     tic = time.perf_counter()
-    model = load_cifar_model(root, name, cfg.device)
+    model = load_cifar_model(root, name, cfg.device, checkpoints=cfg.checkpoints)
     x_test, y_test = test.float(), test.labels
     test_accuracy = accuracy(model, x_test, y_test)
     logger.info("%s: JPEG test accuracy %.4f", name, test_accuracy)
@@ -233,7 +236,8 @@ def _resumable_models(path: Path, config: AdversarialConfig) -> dict:
         return {}
     saved = json.loads(path.read_text())
     ours = json.loads(json.dumps(asdict(config)))  # tuples -> lists, as saved
-    differ = sorted(k for k in ours.keys() - _RESUMABLE if saved["config"].get(k, ours[k]) != ours[k])
+    defaults = asdict(AdversarialConfig())  # a setting missing from an older report had its default
+    differ = sorted(k for k in ours.keys() - _RESUMABLE if saved["config"].get(k, defaults.get(k)) != ours[k])
     if differ:
         raise ValueError(f"resume: {path} was written with other settings ({', '.join(differ)}); use another --out")
     return {name: result for name, result in saved["models"].items() if name in config.models}
@@ -277,7 +281,7 @@ def render_markdown(results: dict) -> str:
     lines = [
         "# Adversarial detection on CIFAR-10 (JPEG copy)",
         "",
-        f"Checkpoints: {', '.join(models)}; L-inf eps = {cfg['eps'] * 255:.0f}/255, L2 eps = {cfg['eps_l2']}; "
+        f"Checkpoints: {', '.join(models)} ({weights_description(cfg)}); L-inf eps = {cfg['eps'] * 255:.0f}/255, L2 eps = {cfg['eps_l2']}; "
         f"{cfg['n_images']} test images drawn (seed {cfg['seed']}), the correctly classified ones attacked. "
         "Values are mean ± std over checkpoints, in %.",
         "",

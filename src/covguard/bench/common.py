@@ -34,6 +34,7 @@ __all__ = [
     "patch_detectors",
     "predict",
     "split_train",
+    "weights_description",
 ]
 
 #: Shared pretrained CIFAR-10 checkpoints (see ../shared/data/README.md).
@@ -63,6 +64,13 @@ def finetuned_path(name: str, checkpoint_dir: str | Path | None = None) -> Path:
     if checkpoint_dir is None:
         checkpoint_dir = os.environ.get("COVGUARD_CHECKPOINTS") or CHECKPOINT_DIR
     return Path(checkpoint_dir) / f"{name}-jpeg.safetensors"
+
+
+def weights_description(config: dict) -> str:
+    """Which weights a report's models ran with (reports written before the option: the shared ones)."""
+    if config.get("checkpoints", "original") == "finetuned":
+        return "fine-tuned on the JPEG training set, checkpoints/"
+    return "shared weights, trained on lossless CIFAR-10"
 
 
 def load_cifar_model(

@@ -28,7 +28,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from covguard.bench.common import accuracy, fit_on_train, format_mean_std, load_cifar_model, mean_std, split_train
+from covguard.bench.common import (
+    accuracy, fit_on_train, format_mean_std, load_cifar_model, mean_std, split_train, weights_description,
+)
 from covguard.data.images import jpeg_matched
 from covguard.data.registry import load_set
 from covguard.data.synthetic import gaussian_noise, uniform_noise
@@ -82,6 +84,7 @@ class OODConfig:
     seed: int = 0
     batch_size: int = 256
     device: str = "cpu"
+    checkpoints: str = "original"  # "original" shared weights, or "finetuned" on the JPEG training set
     progress: bool = True
 
 
@@ -112,7 +115,7 @@ def _eval_sets(root: Path, cfg: OODConfig) -> dict:
 def _run_model(name: str, cfg: OODConfig, root: Path, train, sets: dict) -> dict:
     seconds = {}
     tic = time.perf_counter()
-    model = load_cifar_model(root, name, cfg.device)
+    model = load_cifar_model(root, name, cfg.device, checkpoints=cfg.checkpoints)
     x_id, y_id = sets["id"][0].float() / 255, sets["id"][1]
     id_accuracy = accuracy(model, x_id, y_id)
     detectors, sizes = fit_on_train(
@@ -232,7 +235,8 @@ def render_markdown(results: dict) -> str:
         "",
         "Near: CIFAR-100, Tiny ImageNet (val). Far: MNIST as is and JPEG-matched. Noise sets are "
         "reported apart and are not in the means. Values: mean ± std over checkpoints, in %. "
-        f"Images per set: {', '.join(f'{k} {v}' for k, v in results['n_images'].items())}.",
+        f"Images per set: {', '.join(f'{k} {v}' for k, v in results['n_images'].items())}. "
+        f"Weights: {weights_description(results['config'])}.",
         "",
         markdown_table(
             [{"model": k, "ID accuracy": f"{m['id_accuracy'] * 100:.2f}", "fit images": m["n_fit"]} for k, m in models.items()],
