@@ -25,6 +25,7 @@ from covguard.features import eval_mode
 
 __all__ = [
     "Attack",
+    "IterativeAttack",
     "check_batch",
     "check_positive",
     "check_steps",
@@ -243,3 +244,48 @@ class Attack(ABC):
 
         Implementations must not modify ``x`` in place.
         """
+
+
+class IterativeAttack(Attack):
+    """Base of the iterative attacks with a step size and an optional seeded random start (PGD, PGD-L2).
+
+    Parameters
+    ----------
+    model : nn.Module
+    eps : float
+        Budget, as :class:`Attack`.
+    alpha : float
+        Size of each step.
+    steps : int
+        Number of iterations.
+    random_start : bool
+        Start from a random point of the budget ball around ``x`` (drawn by :meth:`_noise`).
+    generator : torch.Generator or None
+        Source of the random start, for reproducible attacks; ``None`` uses torch's global
+        generator. The noise is drawn on the generator's device, then moved to the device of
+        ``x``; the generator advances with every call.
+
+    Raises
+    ------
+    ValueError
+        If ``eps`` or ``alpha`` is not a finite number > 0, or ``steps`` is not an int >= 1.
+    TypeError
+        If ``generator`` is neither ``None`` nor a ``torch.Generator``.
+    """
+
+    def __init__(
+        self, model: nn.Module, *, eps: float, alpha: float, steps: int, random_start: bool, generator: torch.Generator | None
+    ) -> None:
+        super().__init__(model, eps=eps)
+        self.alpha = check_positive(alpha, name="alpha")
+        self.steps = check_steps(steps, name="steps")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator or None; got {type(generator).__name__}")
+        self.random_start = random_start
+        self.generator = generator
+
+    def _noise(self, draw, shape: tuple[int, ...], x: Tensor) -> Tensor:
+        """``draw(shape)`` (``torch.rand`` or ``torch.randn``) from the attack's generator, in the
+        dtype of ``x``, on the device of ``x``."""
+        device = x.device if self.generator is None else self.generator.device
+        return draw(shape, generator=self.generator, device=device, dtype=x.dtype).to(x.device)

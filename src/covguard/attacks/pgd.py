@@ -5,12 +5,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from covguard.attacks.base import Attack, check_positive, check_steps, input_gradient
+from covguard.attacks.base import IterativeAttack, input_gradient
 
 __all__ = ["PGD"]
 
 
-class PGD(Attack):
+class PGD(IterativeAttack):
     r"""PGD from "Towards Deep Learning Models Resistant to Adversarial Attacks" (Madry et al.).
 
     Distance measure: L-inf. Starting from ``x`` plus uniform noise in ``[-eps, eps]`` (or from
@@ -77,22 +77,13 @@ class PGD(Attack):
         random_start: bool = True,
         generator: torch.Generator | None = None,
     ) -> None:
-        super().__init__(model, eps=eps)
-        self.alpha = check_positive(alpha, name="alpha")
-        self.steps = check_steps(steps, name="steps")
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise TypeError(
-                f"generator must be a torch.Generator or None; got {type(generator).__name__}"
-            )
-        self.random_start = random_start
-        self.generator = generator
+        super().__init__(model, eps=eps, alpha=alpha, steps=steps, random_start=random_start, generator=generator)
 
     def _perturb(self, x: Tensor, y: Tensor) -> Tensor:
         x_adv = x
         if self.random_start:
-            device = x.device if self.generator is None else self.generator.device
-            unit = torch.rand(x.shape, generator=self.generator, device=device, dtype=x.dtype)
-            x_adv = (x + self.eps * (2 * unit.to(x.device) - 1)).clamp(0.0, 1.0)
+            unit = self._noise(torch.rand, x.shape, x)  # (N, C, H, W) uniform in [0, 1)
+            x_adv = (x + self.eps * (2 * unit - 1)).clamp(0.0, 1.0)
         for _ in range(self.steps):
             direction = self._ascent_direction(x_adv, y)  # (N, C, H, W)
             # x_adv - x first, so that one step from x with alpha=eps is FGSM to the last bit

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from covguard.attacks.base import Attack, check_positive, check_steps, input_gradient
+from covguard.attacks.base import IterativeAttack, input_gradient
 
 __all__ = ["PGDL2"]
 
@@ -15,7 +15,7 @@ def _l2_norm(t: Tensor) -> Tensor:
     return t.flatten(1).norm(dim=1).view(-1, 1, 1, 1)  # (N, C*H*W) -> (N, 1, 1, 1)
 
 
-class PGDL2(Attack):
+class PGDL2(IterativeAttack):
     r"""PGD under an L2 budget, after Madry et al., "Towards Deep Learning Models Resistant to
     Adversarial Attacks".
 
@@ -87,26 +87,16 @@ class PGDL2(Attack):
         random_start: bool = True,
         generator: torch.Generator | None = None,
     ) -> None:
-        super().__init__(model, eps=eps)
-        self.alpha = check_positive(alpha, name="alpha")
-        self.steps = check_steps(steps, name="steps")
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise TypeError(
-                f"generator must be a torch.Generator or None; got {type(generator).__name__}"
-            )
-        self.random_start = random_start
-        self.generator = generator
+        super().__init__(model, eps=eps, alpha=alpha, steps=steps, random_start=random_start, generator=generator)
 
     def _perturb(self, x: Tensor, y: Tensor) -> Tensor:
         tiny = torch.finfo(x.dtype).tiny  # keeps 0 / 0 out of the normalizations
         x_adv = x
         if self.random_start:
-            device = x.device if self.generator is None else self.generator.device
-            shape = (x.shape[0], 1, 1, 1)
-            gauss = torch.randn(x.shape, generator=self.generator, device=device, dtype=x.dtype)
-            radius = torch.rand(shape, generator=self.generator, device=device, dtype=x.dtype)
+            gauss = self._noise(torch.randn, x.shape, x)  # (N, C, H, W)
+            radius = self._noise(torch.rand, (x.shape[0], 1, 1, 1), x)  # (N, 1, 1, 1)
             unit = gauss / _l2_norm(gauss).clamp_min(tiny)  # (N, C, H, W), unit L2 norm
-            x_adv = (x + self.eps * (radius * unit).to(x.device)).clamp(0.0, 1.0)
+            x_adv = (x + self.eps * radius * unit).clamp(0.0, 1.0)
         for _ in range(self.steps):
             grad = input_gradient(self.model, x_adv, y)  # (N, C, H, W)
             delta = x_adv - x + self.alpha * grad / _l2_norm(grad).clamp_min(tiny)
