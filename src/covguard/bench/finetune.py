@@ -10,8 +10,6 @@ log of the run. The benchmarks load them with ``--checkpoints finetuned``.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,6 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save as save_bytes
 
+from covguard.atomic import write_atomic
 from covguard.bench.common import accuracy, load_cifar_model
 from covguard.data.registry import load_set
 from covguard.finetune import finetune
@@ -39,18 +38,6 @@ class FinetuneConfig:
     max_train: int | None = None  # first images of a seeded permutation (quick runs); None = all
     device: str = "cpu"
     progress: bool = True
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def finetune_checkpoint(
@@ -112,6 +99,6 @@ def finetune_checkpoint(
         "torch_threads": torch.get_num_threads(),
     }
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    _write_atomic(out, save_bytes(state, metadata={"model": name, "jpeg_test_accuracy": f"{after:.4f}"}))
-    _write_atomic(out.with_suffix(".json"), (json.dumps(log, indent=2) + "\n").encode())
+    write_atomic(out, save_bytes(state, metadata={"model": name, "jpeg_test_accuracy": f"{after:.4f}"}))
+    write_atomic(out.with_suffix(".json"), (json.dumps(log, indent=2) + "\n").encode())
     return log
