@@ -20,7 +20,7 @@ from matplotlib.figure import Figure
 
 from covguard.metrics import Scores, check_scores, evaluate, roc_points
 
-__all__ = ["is_ours", "markdown_table", "plot_histograms", "plot_roc", "roc_figure", "write_json"]
+__all__ = ["is_ours", "markdown_table", "new_figure", "plot_histograms", "plot_roc", "roc_figure", "write_json"]
 
 PathLike = str | os.PathLike[str]
 
@@ -90,8 +90,8 @@ def markdown_table(rows: Sequence[Mapping[str, object]], columns: Sequence[str],
     return "\n".join(lines)
 
 
-def _new_figure(width: float = 5.0, height: float = 4.0) -> Figure:
-    """A figure with an Agg canvas, detached from pyplot."""
+def new_figure(width: float = 5.0, height: float = 4.0) -> Figure:
+    """A ``width x height``-inch figure with constrained layout and an Agg canvas, detached from pyplot."""
     fig = Figure(figsize=(width, height), layout="constrained")
     FigureCanvasAgg(fig)
     return fig
@@ -166,7 +166,7 @@ def roc_figure(curves: Mapping[str, tuple[Scores, Scores]], *, title: str = "") 
         raise ValueError("curves must map at least one label to (scores_in, scores_out); got an empty mapping")
     labels = sorted(curves, key=lambda label: not is_ours(label))  # stable: ours first, each kind in given order
     styles = _line_styles(labels)
-    fig = _new_figure(8.5, 4.4)
+    fig = new_figure(8.5, 4.4)
     ax = fig.add_subplot()
     for label in labels:
         scores_in, scores_out = curves[label]
@@ -254,7 +254,7 @@ def plot_histograms(
     finite = [s[np.isfinite(s)] for s, _ in sets]
     n_inf = [s.size - v.size for (s, _), v in zip(sets, finite)]
     edges = np.histogram_bin_edges(np.concatenate(finite), bins=int(bins))
-    fig = _new_figure()
+    fig = new_figure()
     ax = fig.add_subplot()
     for (_, label), values, color in zip(sets, finite, ("tab:blue", "tab:orange")):
         if values.size == 0:
