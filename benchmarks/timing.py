@@ -3,18 +3,14 @@
     python benchmarks/timing.py --out reports/timing            # full run (about 30 min on 2 CPU cores)
     python benchmarks/timing.py --out reports/timing --quick    # reduced run (a few minutes)
 
-Prints the markdown tables and writes ``results.json`` / ``results.md`` to ``--out``. The options
-and the entry point live in :mod:`covguard.bench.timing` (``add_timing_arguments``, ``main``),
-which ``covguard bench timing`` shares.
+Prints the markdown tables and writes ``results.json`` / ``results.md`` to ``--out``. The same as
+``covguard bench timing ...``: the options live in :mod:`covguard.cli`, the benchmark in
+:mod:`covguard.bench.timing`.
 """
 
-import argparse
-import logging
 import sys
 
-from covguard.bench.timing import add_timing_arguments, main
+from covguard.cli import main
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.WARNING)
-    parser = add_timing_arguments(argparse.ArgumentParser(description="covguard timing benchmark"))
-    sys.exit(main(parser.parse_args()))
+    sys.exit(main(["bench", "timing", *sys.argv[1:]]))

@@ -1,7 +1,5 @@
 """Per-patch heatmaps: patch geometry against a naive reference, localization, figures, the CLI."""
 
-import argparse
-
 import numpy as np
 import pytest
 import torch
@@ -14,7 +12,6 @@ import covguard as cg
 from covguard.detectors.msp import MSP
 from covguard.heatmap import (
     PatchGeometry,
-    add_heatmap_arguments,
     heatmap_figures,
     patch_footprints,
     patch_geometry,
@@ -22,6 +19,7 @@ from covguard.heatmap import (
     score_maps,
     top_patch_hits,
 )
+from covguard.cli import main
 from covguard.html_report import referenced_files
 from covguard.models import MODELS
 
@@ -161,10 +159,7 @@ def cli_setup(tmp_path_factory):
 
 
 def _run(argv):
-    parser = argparse.ArgumentParser()
-    add_heatmap_arguments(parser)
-    args = parser.parse_args(argv)
-    return args.func(args)
+    return main(["heatmap", *argv])
 
 
 def test_cli_writes_heatmaps_and_a_report(cli_setup, capsys):
@@ -192,5 +187,5 @@ def test_cli_unknown_layer_names_the_argument(cli_setup, capsys):
         "--out", str(root / "bad"), "--layers", "block3", "--no-progress",
     ])
     err = capsys.readouterr().err
-    assert code == 2 and "--layers" in err and "block3" in err and "['block1', 'block2']" in err
+    assert code == 2 and "layers ['block3']" in err and "['block1', 'block2']" in err
     assert not (root / "bad").exists()

@@ -4,13 +4,8 @@ import re
 
 import pytest
 
-from covguard.html_report import (
-    Section,
-    add_html_report,
-    markdown_to_html,
-    referenced_files,
-    write_html_report,
-)
+from covguard.html_report import Section, add_html_report, referenced_files, write_html_report
+from covguard.markdown_html import markdown_to_html
 from covguard.report import markdown_table
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 16  # the page only links files; their content is not read

@@ -3,13 +3,14 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
+import matplotlib.colors
 import matplotlib.image
 import numpy as np
 import pytest
 import torch
 
 from covguard.metrics import DetectionMetrics, evaluate
-from covguard.report import markdown_table, plot_histograms, plot_roc, write_json
+from covguard.report import is_ours, markdown_table, plot_histograms, plot_roc, roc_figure, write_json
 
 
 def _read_png(path):
@@ -69,6 +70,36 @@ def test_plot_roc_errors(tmp_path):
     with pytest.raises(ValueError, match="scores_out"):
         plot_roc({"bad": ([0.0, 1.0], [np.nan])}, tmp_path / "roc.png")
     assert not (tmp_path / "roc.png").exists()
+
+
+#: The 14 detectors of the adversarial and OOD benchmarks, in their result order.
+BENCH_DETECTORS = [
+    "simple_mahalanobis", "class_mahalanobis_top1", "class_penultimate_original", "msp", "max_logit", "energy", "odin",
+    "gen", "mds", "rmds", "knn", "vim", "react", "class_mahalanobis_mixture",
+]
+
+
+def test_roc_figure_gives_every_detector_its_own_colour_ours_solid_and_first():
+    rng = np.random.default_rng(0)
+    clean = rng.normal(size=100)
+    curves = {name: (clean, rng.normal(0.1 * i, size=80)) for i, name in enumerate(BENCH_DETECTORS)}
+    fig = roc_figure(curves, title="ROC")
+    ax = fig.axes[0]
+    lines = {line.get_label().split(" (AUROC")[0]: line for line in ax.get_lines()}
+    assert set(lines) == {*BENCH_DETECTORS, "chance"}
+    colours = [matplotlib.colors.to_hex(lines[name].get_color()) for name in BENCH_DETECTORS]
+    assert len(set(colours)) == len(BENCH_DETECTORS), colours
+    ours = [name for name in BENCH_DETECTORS if is_ours(name)]
+    assert ours == ["simple_mahalanobis", "class_mahalanobis_top1", "class_penultimate_original", "class_mahalanobis_mixture"]
+    for name in BENCH_DETECTORS:
+        solid = lines[name].get_linestyle() == "-"
+        assert solid == (name in ours), (name, lines[name].get_linestyle())
+    assert min(lines[n].get_linewidth() for n in ours) > max(lines[n].get_linewidth() for n in BENCH_DETECTORS if n not in ours)
+    legend = [text.get_text().split(" (AUROC")[0] for text in ax.get_legend().get_texts()]
+    assert legend[: len(ours)] == ours  # ours first, in the given order
+    fig.canvas.draw()
+    legend_box, axes_box = ax.get_legend().get_window_extent(), ax.get_window_extent()
+    assert legend_box.x0 >= axes_box.x1  # outside the axes: it covers no curve
 
 
 def test_plot_histograms_writes_png(tmp_path):

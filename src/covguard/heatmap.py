@@ -15,16 +15,13 @@ tapped layer, the squared distance of each ``k x k`` patch of the feature map, s
   by all the images of one call, so figures of one call compare.
 
 Figures are built on a :class:`matplotlib.figure.Figure` with an Agg canvas, never through
-``pyplot``. ``covguard heatmap`` wraps :func:`save_heatmaps` for image files
-(:func:`add_heatmap_arguments`, :func:`run_heatmap_cli`).
+``pyplot``. ``covguard heatmap`` draws them for image files
+(:func:`covguard.heatmap_report.write_heatmap_report`).
 """
 
 from __future__ import annotations
 
-import argparse
-import logging
 import re
-import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,18 +37,14 @@ from covguard.detectors.patch import PatchMahalanobis
 
 __all__ = [
     "PatchGeometry",
-    "add_heatmap_arguments",
     "check_heatmap_layers",
     "heatmap_figures",
     "patch_footprints",
     "patch_geometry",
-    "run_heatmap_cli",
     "save_heatmaps",
     "score_maps",
     "top_patch_hits",
 ]
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -350,98 +343,3 @@ def save_heatmaps(
         fig.savefig(path, format="png", dpi=110)
         paths.append(path)
     return paths
-
-
-# ---- command line: covguard heatmap -------------------------------------------------------------
-
-
-def add_heatmap_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the arguments of ``covguard heatmap`` to ``parser`` and set ``func`` to :func:`run_heatmap_cli`."""
-    parser.add_argument("--detector", required=True, help="detector or guard file (safetensors) written by save")
-    parser.add_argument("--model", required=True, help="model name in covguard.models.MODELS")
-    parser.add_argument("--weights", required=True, help="checkpoint of the model (.pt, .pth, .th, .safetensors)")
-    parser.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
-                        help="keyword argument of the model constructor, repeatable (e.g. num_classes=100)")
-    parser.add_argument("--images", required=True, help="folder (recursive), tar archive or image file")
-    parser.add_argument("--out", default="heatmaps", help="folder for the PNGs and report.html (default: heatmaps)")
-    parser.add_argument("--layers", nargs="+", default=None, help="layers to draw (default: all fitted layers)")
-    parser.add_argument("--max-images", type=int, default=32, help="draw at most this many images (default: 32)")
-    parser.add_argument("--alpha", type=float, default=0.55, help="opacity of the overlay (default: 0.55)")
-    parser.add_argument("--cmap", default="inferno", help="matplotlib colormap (default: inferno)")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-    parser.add_argument("--no-strict-model", action="store_true",
-                        help="accept a model whose parameters differ from the fitted ones (warns)")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    parser.set_defaults(func=run_heatmap_cli)
-    return parser
-
-
-def run_heatmap_cli(args: argparse.Namespace) -> int:
-    """Run ``covguard heatmap``: errors in the inputs go to stderr with exit status 2."""
-    try:
-        return _heatmap_images(args)
-    except (ValueError, FileNotFoundError, TypeError) as err:
-        print(f"covguard heatmap: error: {err}", file=sys.stderr)
-        return 2
-
-
-def _heatmap_images(args: argparse.Namespace) -> int:
-    from tqdm.auto import tqdm
-
-    from covguard.guard import decode_image, iter_images
-    from covguard.html_report import Section, write_html_report
-    from covguard.models import load_model
-    from covguard.persistence import load
-    from covguard.report import markdown_table
-
-    if args.max_images < 1:
-        raise ValueError(f"--max-images must be >= 1; got {args.max_images}")
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1; got {args.batch_size}")
-    model = load_model(args.model, args.weights, model_args=args.model_arg, device=args.device)
-    detector = load(args.detector, model, strict_model=not args.no_strict_model)
-    try:
-        layers = check_heatmap_layers(detector, args.layers)
-    except ValueError as err:
-        raise ValueError(f"--layers: {err}") from None
-    channels, height, width = detector.input_shape_
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    total, images = iter_images(args.images)
-    if total == 0:
-        raise ValueError(f"--images {args.images!r} holds no image files (suffixes: .png, .jpg, ...)")
-    names, xs, failed = [], [], []
-    for name, data in tqdm(images, total=total, desc="decode", unit="img", disable=args.no_progress):
-        if len(names) == args.max_images:
-            break
-        try:
-            xs.append(decode_image(data, channels=channels, size=(height, width)))
-            names.append(name)
-        except ValueError as err:
-            failed.append((name, str(err)))
-    if not xs:
-        raise ValueError(f"--images {args.images!r}: no image could be decoded ({failed[0][1] if failed else 'none'})")
-    x = torch.stack(xs).to(dtype)  # (N, C, H, W)
-    maps = score_maps(detector, x, layers=layers, batch_size=args.batch_size)
-    with torch.no_grad():
-        logits = torch.cat([model(x[i : i + args.batch_size].to(args.device)).cpu() for i in range(0, len(x), args.batch_size)])
-        scores = torch.cat([detector.score(x[i : i + args.batch_size]).cpu() for i in range(0, len(x), args.batch_size)])
-    titles = [f"{name}: class {int(c)}, score {float(s):.3g}" for name, c, s in zip(names, logits.argmax(1), scores)]
-    out = Path(args.out)
-    paths = save_heatmaps(detector, x, out, names=names, layers=layers, maps=maps, titles=titles, cmap=args.cmap, alpha=args.alpha)
-    rows = [
-        {"image": name, "figure": path.name, "predicted class": int(c), "score": float(s),
-         **{f"max d2 {layer}": float(maps[layer][i].max()) for layer in layers}}
-        for i, (name, path, c, s) in enumerate(zip(names, paths, logits.argmax(1), scores))
-    ]
-    table = markdown_table(rows, ["image", "figure", "predicted class", "score", *[f"max d2 {layer}" for layer in layers]], floatfmt=".4g")
-    text = (
-        f"Detector `{args.detector}` on model `{args.model}` (`{args.weights}`); images from `{args.images}`. "
-        "Scores: larger = more anomalous. Colour scales are shared per layer across these images."
-    )
-    if failed:
-        text += "\n\nNot decoded: " + ", ".join(f"`{n}` ({e})" for n, e in failed)
-    sections = [Section("Images", f"{text}\n\n{table}"), Section("Heatmaps", "", tuple(p.name for p in paths))]
-    report = write_html_report(out, "covguard heatmaps", sections)
-    print(f"wrote {len(paths)} heatmaps ({len(failed)} images could not be decoded) and {report}")
-    return 0

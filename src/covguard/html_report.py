@@ -8,9 +8,7 @@ the folder can be zipped, moved or opened from disk as it is.
 - :func:`write_html_report` writes a page from explicit :class:`Section` objects;
 - :func:`add_html_report` builds it from an existing ``results.md`` plus the folder's PNGs
   (those the markdown does not already show are appended, grouped by file-name prefix);
-- :func:`markdown_to_html` converts the subset of GitHub markdown covguard writes: headings,
-  paragraphs, bullet lists, pipe tables (as :func:`covguard.report.markdown_table` writes them),
-  images ``![alt](file.png)``, links, ``code``, **bold** and *emphasis*;
+- :func:`covguard.markdown_html.markdown_to_html` converts the markdown covguard writes;
 - :func:`referenced_files` lists the local files a page references (tests check they exist).
 """
 
@@ -23,9 +21,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from html.parser import HTMLParser
 from pathlib import Path
-from urllib.parse import quote, unquote, urlsplit
+from urllib.parse import unquote, urlsplit
 
-__all__ = ["Section", "add_html_report", "markdown_to_html", "referenced_files", "write_html_report"]
+from covguard.markdown_html import figure_html, heading_id, markdown_to_html
+
+__all__ = ["Section", "add_html_report", "referenced_files", "write_html_report"]
 
 REPORT_NAME = "report.html"
 
@@ -65,7 +65,7 @@ class Section:
     title : str
         Section heading (``<h2>``); none when empty.
     markdown : str
-        Body text in the markdown subset of :func:`markdown_to_html`.
+        Body text in the markdown subset of :func:`~covguard.markdown_html.markdown_to_html`.
     figures : tuple of str
         PNG (or other image) files, relative to the report folder, shown after the text.
     """
@@ -73,162 +73,6 @@ class Section:
     title: str
     markdown: str = ""
     figures: tuple[str, ...] = ()
-
-
-# ---- markdown -> HTML -----------------------------------------------------------------------------
-
-_TABLE_SEPARATOR = re.compile(r"^\s*\|?\s*:?-{3,}:?\s*(\|\s*:?-{3,}:?\s*)*\|?\s*$")
-_IMAGE_LINE = re.compile(r"^!\[([^\]]*)\]\(([^)\s]+)\)$")
-_NUMBER = re.compile(r"^[-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?%?( ± [-+]?\d+(\.\d*)?%?)?$")
-
-
-def _url(target: str) -> str:
-    """Quote a link target for an attribute (keeps ``/``, ``:``, ``#``, ``%`` as they are)."""
-    return html.escape(quote(target, safe="/:#%?=&@+,;~"), quote=True)
-
-
-def _inline(text: str) -> str:
-    """Escape ``text`` and convert inline markdown: code spans, images, links, bold, emphasis."""
-    out, last = [], 0
-    for match in re.finditer(r"`([^`]+)`", text):  # code spans first: nothing inside is converted
-        out.append(_inline_plain(text[last : match.start()]))
-        out.append(f"<code>{html.escape(match.group(1))}</code>")
-        last = match.end()
-    out.append(_inline_plain(text[last:]))
-    return "".join(out)
-
-
-def _inline_plain(text: str) -> str:
-    text = text.replace("\\|", "|")
-    pieces, last = [], 0
-    for match in re.finditer(r"(!?)\[([^\]]*)\]\(([^)\s]+)\)", text):
-        pieces.append(_emphasis(html.escape(text[last : match.start()], quote=False)))
-        bang, label, target = match.groups()
-        if bang:
-            pieces.append(f'<img src="{_url(target)}" alt="{html.escape(label)}">')
-        else:
-            pieces.append(f'<a href="{_url(target)}">{_emphasis(html.escape(label, quote=False))}</a>')
-        last = match.end()
-    pieces.append(_emphasis(html.escape(text[last:], quote=False)))
-    return "".join(pieces)
-
-
-def _emphasis(escaped: str) -> str:
-    escaped = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", escaped)
-    return re.sub(r"(?<![\w*])\*(?!\s)(.+?)(?<!\s)\*(?![\w*])", r"<em>\1</em>", escaped)
-
-
-def _cells(line: str) -> list[str]:
-    """Split a pipe-table row on unescaped ``|``, dropping the outer pipes."""
-    line = line.strip()
-    line = line.removeprefix("|")
-    if line.endswith("|") and not line.endswith("\\|"):
-        line = line[:-1]
-    return [cell.strip() for cell in re.split(r"(?<!\\)\|", line)]
-
-
-def _table(lines: list[str]) -> str:
-    header, rows = _cells(lines[0]), [_cells(line) for line in lines[2:]]
-    out = ["<table>", "<thead><tr>" + "".join(f"<th>{_inline(c)}</th>" for c in header) + "</tr></thead>", "<tbody>"]
-    for row in rows:
-        row = (row + [""] * len(header))[: max(len(header), len(row))]
-        cells = "".join(
-            f'<td class="num">{_inline(c)}</td>' if _NUMBER.match(c.replace("\\|", "|")) else f"<td>{_inline(c)}</td>"
-            for c in row
-        )
-        out.append(f"<tr>{cells}</tr>")
-    out += ["</tbody>", "</table>"]
-    return "\n".join(out)
-
-
-def _slug(text: str, used: set[str]) -> str:
-    base = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "section"
-    slug, i = base, 2
-    while slug in used:
-        slug, i = f"{base}-{i}", i + 1
-    used.add(slug)
-    return slug
-
-
-def markdown_to_html(text: str, *, heading_offset: int = 0, _ids: set[str] | None = None) -> str:
-    """Convert covguard's markdown subset to HTML (see the module docstring).
-
-    Parameters
-    ----------
-    text : str
-        Markdown.
-    heading_offset : int
-        Added to every heading level (``1`` turns ``#`` into ``<h2>``), capped at 6.
-
-    Returns
-    -------
-    str
-        HTML fragment; all text is escaped, so the markdown cannot inject markup.
-
-    Examples
-    --------
-    >>> print(markdown_to_html("| a | b |\\n| --- | --- |\\n| x | 0.5 |"))
-    <table>
-    <thead><tr><th>a</th><th>b</th></tr></thead>
-    <tbody>
-    <tr><td>x</td><td class="num">0.5</td></tr>
-    </tbody>
-    </table>
-    """
-    ids = set() if _ids is None else _ids
-    lines = text.splitlines()
-    out: list[str] = []
-    paragraph: list[str] = []
-    items: list[str] = []
-
-    def flush() -> None:
-        images = [_IMAGE_LINE.match(line.strip()) for line in paragraph]
-        if paragraph and all(images):  # a block of images only: a grid of captioned figures
-            out.append('<div class="figures">\n' + "\n".join(_figure(unquote(m.group(2)), m.group(1)) for m in images) + "\n</div>")
-        elif paragraph:
-            out.append("<p>" + _inline(" ".join(line.strip() for line in paragraph)) + "</p>")
-        paragraph.clear()
-        if items:
-            out.append("<ul>\n" + "\n".join(f"<li>{_inline(item)}</li>" for item in items) + "\n</ul>")
-            items.clear()
-
-    i = 0
-    while i < len(lines):
-        line = lines[i]
-        stripped = line.strip()
-        heading = re.match(r"^(#{1,6})\s+(.*?)\s*#*\s*$", stripped)
-        if not stripped:
-            flush()
-        elif heading:
-            flush()
-            level = min(len(heading.group(1)) + heading_offset, 6)
-            title = heading.group(2)
-            out.append(f'<h{level} id="{_slug(title, ids)}">{_inline(title)}</h{level}>')
-        elif stripped.startswith("|") and i + 1 < len(lines) and _TABLE_SEPARATOR.match(lines[i + 1]):
-            flush()
-            block = [line, lines[i + 1]]
-            i += 2
-            while i < len(lines) and lines[i].strip().startswith("|"):
-                block.append(lines[i])
-                i += 1
-            out.append(_table(block))
-            continue
-        elif re.match(r"^[-*]\s+", stripped):
-            if paragraph:
-                flush()
-            items.append(re.sub(r"^[-*]\s+", "", stripped))
-        elif items and line.startswith((" ", "\t")):
-            items[-1] += " " + stripped  # continuation of a list item
-        else:
-            if items:
-                flush()
-            paragraph.append(line)
-        i += 1
-    flush()
-    return "\n".join(out)
-
-
-# ---- the page -----------------------------------------------------------------------------------
 
 
 def _check_figure(folder: Path, name: str, where: str) -> None:
@@ -239,13 +83,6 @@ def _check_figure(folder: Path, name: str, where: str) -> None:
         raise ValueError(f"{where} must be a path inside the report folder {str(folder)!r}; got {name!r}")
     if not (folder / path).is_file():
         raise ValueError(f"{where} names {name!r}, which is not a file in the report folder {str(folder)!r}")
-
-
-def _figure(name: str, alt: str = "") -> str:
-    src = _url(name.replace(os.sep, "/"))
-    caption = html.escape(name.rsplit("/", 1)[-1])
-    alt = html.escape(alt or name.rsplit("/", 1)[-1])
-    return f'<figure><a href="{src}"><img src="{src}" alt="{alt}" loading="lazy"></a><figcaption>{caption}</figcaption></figure>'
 
 
 def write_html_report(folder: str | os.PathLike[str], title: str, sections: Sequence[Section], *, filename: str = REPORT_NAME) -> Path:
@@ -293,13 +130,13 @@ def write_html_report(folder: str | os.PathLike[str], title: str, sections: Sequ
     toc, parts = [], []
     for section in sections:
         if section.title:
-            anchor = _slug(section.title, ids)
+            anchor = heading_id(section.title, ids)
             toc.append(f'<li><a href="#{anchor}">{html.escape(section.title)}</a></li>')
             parts.append(f'<h2 id="{anchor}">{html.escape(section.title)}</h2>')
         if section.markdown:
-            parts.append(markdown_to_html(section.markdown, heading_offset=2 if section.title else 1, _ids=ids))
+            parts.append(markdown_to_html(section.markdown, heading_offset=2 if section.title else 1, ids=ids))
         if section.figures:
-            parts.append('<div class="figures">\n' + "\n".join(_figure(name) for name in section.figures) + "\n</div>")
+            parts.append('<div class="figures">\n' + "\n".join(figure_html(name) for name in section.figures) + "\n</div>")
     if len(toc) > 1:
         body.append('<nav id="contents"><ul>\n' + "\n".join(toc) + "\n</ul></nav>")
     body += parts

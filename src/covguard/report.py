@@ -20,9 +20,20 @@ from matplotlib.figure import Figure
 
 from covguard.metrics import Scores, check_scores, evaluate, roc_points
 
-__all__ = ["markdown_table", "plot_histograms", "plot_roc", "write_json"]
+__all__ = ["is_ours", "markdown_table", "new_figure", "plot_histograms", "plot_roc", "roc_figure", "write_json"]
 
 PathLike = str | os.PathLike[str]
+
+#: Line colours of our detectors: strong, drawn solid and thick.
+OURS_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#000000", "#8c564b")
+#: Line colours of the baselines: none is in :data:`OURS_COLOURS`; drawn dashed and thinner.
+BASELINE_COLOURS = (
+    "#9467bd", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf", "#393b79",
+    "#bd9e39", "#7b4173", "#637939", "#6b6ecf", "#e7969c", "#9edae5",
+)
+#: Dash patterns cycled when there are more curves of one kind than colours.
+_OURS_STYLES = ("-", (0, (8, 2)))
+_BASELINE_STYLES = ("--", ":", "-.")
 
 
 def _format_cell(value: object, floatfmt: str) -> str:
@@ -79,9 +90,9 @@ def markdown_table(rows: Sequence[Mapping[str, object]], columns: Sequence[str],
     return "\n".join(lines)
 
 
-def _new_figure() -> Figure:
-    """A figure with an Agg canvas, detached from pyplot."""
-    fig = Figure(figsize=(5.0, 4.0), layout="constrained")
+def new_figure(width: float = 5.0, height: float = 4.0) -> Figure:
+    """A ``width x height``-inch figure with constrained layout and an Agg canvas, detached from pyplot."""
+    fig = Figure(figsize=(width, height), layout="constrained")
     FigureCanvasAgg(fig)
     return fig
 
@@ -94,8 +105,43 @@ def _save(fig: Figure, path: PathLike) -> Path:
     return path
 
 
-def plot_roc(curves: Mapping[str, tuple[Scores, Scores]], path: PathLike, *, title: str = "") -> Path:
-    """Plot one ROC curve per label (shifted samples positive) and save it as PNG.
+def is_ours(label: str) -> bool:
+    """Whether a detector name is one of covguard's patch or class-statistics detectors.
+
+    The benchmarks name them ``simple_mahalanobis``, ``class_mahalanobis_top1``,
+    ``class_mahalanobis_mixture`` and ``class_penultimate_original``; baselines carry their own
+    names (``msp``, ``knn``, ``mds``, ...).
+    """
+    return "mahalanobis" in label or "class_penultimate" in label
+
+
+def _line_styles(labels: Sequence[str]) -> dict[str, dict[str, object]]:
+    """Colour, line style, width and z-order per label: ours strong and solid, baselines dashed.
+
+    Colours are distinct while there are no more labels of a kind than its palette holds; past
+    that the colours repeat with another dash pattern, so (colour, style) pairs stay distinct.
+    """
+    styles: dict[str, dict[str, object]] = {}
+    counts = {True: 0, False: 0}
+    for label in labels:
+        ours = is_ours(label)
+        i = counts[ours]
+        counts[ours] += 1
+        colours, dashes = (OURS_COLOURS, _OURS_STYLES) if ours else (BASELINE_COLOURS, _BASELINE_STYLES)
+        styles[label] = {
+            "color": colours[i % len(colours)],
+            "linestyle": dashes[(i // len(colours)) % len(dashes)],
+            "linewidth": 2.2 if ours else 1.3,
+            "zorder": 3 if ours else 2,
+        }
+    return styles
+
+
+def roc_figure(curves: Mapping[str, tuple[Scores, Scores]], *, title: str = "") -> Figure:
+    """One ROC curve per label (shifted samples positive) on one axes, legend outside it.
+
+    Our detectors (:func:`is_ours`) are drawn first in the legend, in strong solid lines on top;
+    baselines in dashed, thinner lines; every curve has its own colour.
 
     Parameters
     ----------
@@ -103,6 +149,46 @@ def plot_roc(curves: Mapping[str, tuple[Scores, Scores]], path: PathLike, *, tit
         Legend label -> scores of in-distribution samples, array-like or Tensor of shape (N_in,),
         and of shifted samples, shape (N_out,); larger = more anomalous. The legend shows the
         AUROC of each curve.
+    title : str, default ""
+        Axes title; none when empty.
+
+    Returns
+    -------
+    Figure
+        With an Agg canvas (``fig.savefig`` works; no pyplot state).
+
+    Raises
+    ------
+    ValueError
+        If ``curves`` is empty or a score set is invalid (see :func:`covguard.metrics.check_scores`).
+    """
+    if len(curves) == 0:
+        raise ValueError("curves must map at least one label to (scores_in, scores_out); got an empty mapping")
+    labels = sorted(curves, key=lambda label: not is_ours(label))  # stable: ours first, each kind in given order
+    styles = _line_styles(labels)
+    fig = new_figure(8.5, 4.4)
+    ax = fig.add_subplot()
+    for label in labels:
+        scores_in, scores_out = curves[label]
+        fpr, tpr = roc_points(scores_in, scores_out)
+        auroc = evaluate(scores_in, scores_out).auroc
+        ax.plot(fpr, tpr, label=f"{label} (AUROC {auroc:.3f})", **styles[label])
+    ax.plot([0.0, 1.0], [0.0, 1.0], linestyle=":", color="0.6", linewidth=1.0, label="chance", zorder=1)
+    ax.set(xlim=(0.0, 1.0), ylim=(0.0, 1.0), xlabel="FPR (in-distribution flagged)", ylabel="TPR (shifted flagged)")
+    ax.set_aspect("equal")
+    if title:
+        ax.set_title(title)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, fontsize="small", frameon=False)
+    return fig
+
+
+def plot_roc(curves: Mapping[str, tuple[Scores, Scores]], path: PathLike, *, title: str = "") -> Path:
+    """Draw :func:`roc_figure` and save it as PNG.
+
+    Parameters
+    ----------
+    curves : mapping of str to (scores_in, scores_out)
+        As :func:`roc_figure`.
     path : str or path-like
         Output PNG file; parent directories are created.
     title : str, default ""
@@ -118,21 +204,7 @@ def plot_roc(curves: Mapping[str, tuple[Scores, Scores]], path: PathLike, *, tit
     ValueError
         If ``curves`` is empty or a score set is invalid (see :func:`covguard.metrics.check_scores`).
     """
-    if len(curves) == 0:
-        raise ValueError("curves must map at least one label to (scores_in, scores_out); got an empty mapping")
-    fig = _new_figure()
-    ax = fig.add_subplot()
-    ax.plot([0.0, 1.0], [0.0, 1.0], linestyle="--", color="0.6", linewidth=1.0, label="chance")
-    for label, (scores_in, scores_out) in curves.items():
-        fpr, tpr = roc_points(scores_in, scores_out)
-        auroc = evaluate(scores_in, scores_out).auroc
-        ax.plot(fpr, tpr, linewidth=1.5, label=f"{label} (AUROC {auroc:.3f})")
-    ax.set(xlim=(0.0, 1.0), ylim=(0.0, 1.0), xlabel="FPR (in-distribution flagged)", ylabel="TPR (shifted flagged)")
-    ax.set_aspect("equal")
-    if title:
-        ax.set_title(title)
-    ax.legend(loc="lower right", fontsize="small")
-    return _save(fig, path)
+    return _save(roc_figure(curves, title=title), path)
 
 
 def plot_histograms(
@@ -182,7 +254,7 @@ def plot_histograms(
     finite = [s[np.isfinite(s)] for s, _ in sets]
     n_inf = [s.size - v.size for (s, _), v in zip(sets, finite)]
     edges = np.histogram_bin_edges(np.concatenate(finite), bins=int(bins))
-    fig = _new_figure()
+    fig = new_figure()
     ax = fig.add_subplot()
     for (_, label), values, color in zip(sets, finite, ("tab:blue", "tab:orange")):
         if values.size == 0:

@@ -1,26 +1,19 @@
 """The shortcut benchmark on the embedded digits, reduced, through its command-line wiring."""
 
-import argparse
 import json
 
 import pytest
 
-from covguard.bench.shortcut import (
-    ShortcutConfig,
-    add_shortcut_arguments,
-    render_markdown,
-    run_shortcut,
-)
+from covguard.bench.shortcut import ShortcutConfig, run_shortcut
+from covguard.bench.shortcut_report import render_markdown
+from covguard.cli import main
 from covguard.html_report import referenced_files
 
 REDUCED = ["--epochs", "15", "--max-test", "240", "--baselines", "msp", "energy", "mds", "knn", "--n-heatmaps", "2", "--no-progress"]
 
 
 def _run(argv):
-    parser = argparse.ArgumentParser()
-    add_shortcut_arguments(parser)
-    args = parser.parse_args(argv)
-    return args.func(args)
+    return main(["bench", "shortcut", *argv])
 
 
 @pytest.fixture(scope="module")

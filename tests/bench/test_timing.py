@@ -1,60 +1,17 @@
-"""Timing benchmark: a tiny end-to-end run, and the fast conv path against the naive unfold path."""
+"""Timing benchmark: a tiny end-to-end run and its measurements (the command line: ``tests/test_cli.py``).
+
+The fast path against the naive unfold path: ``test_naive.py``.
+"""
 
 import json
-import sys
 
 import pytest
-import torch
 
-from covguard.bench.timing import DetectorSpec, NaiveReference, _memory_child, detector_specs, max_relative_error, run_timing
-from covguard.models import resnet20
+from covguard.bench.timing import run_timing
+from covguard.bench.timing_memory import run_memory_job
+from covguard.bench.timing_speed import detector_specs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    return resnet20(num_classes=4).eval()
-
-
-@pytest.fixture(scope="module")
-def data():
-    gen = torch.Generator().manual_seed(0)
-    x = torch.rand(48, 3, 16, 16, generator=gen)  # maps 16x16, 8x8, 4x4: every layer, small
-    y = torch.arange(48) % 4
-    return [(x[i : i + 16], y[i : i + 16]) for i in range(0, 32, 16)], [x[32:]], torch.rand(6, 3, 16, 16, generator=gen)
-
-
-@pytest.mark.parametrize(
-    "spec",
-    [DetectorSpec(kind, scoring, form, rank) for kind, scoring in [("simple", "-"), ("class", "top1"), ("class", "mixture")]
-     for form, rank in [("full", 0), ("diag", 0), ("lowrank", 16)]],
-    ids=lambda s: s.name,
-)
-def test_fast_path_matches_naive_unfold_in_float32(model, data, spec):
-    """Accuracy guard: conv scoring (triangular full, 1x1 diagonal terms, fused norms) == (p-mu)^T P (p-mu)."""
-    fit, holdout, x = data
-    det = spec.build(model, ["layer1", "layer2", "layer3"]).fit(fit, holdout=holdout, progress=False)
-    naive = NaiveReference(det)
-    assert max_relative_error(det, naive, x) <= 1e-4
-    maps = det.distance_maps(x)
-    with torch.no_grad():
-        logits, feats = det.forward(x)
-    weights = naive.group_weights(logits)
-    for layer in det.layers:  # every patch, not only the per-image means
-        f = feats[layer]
-        p = torch.nn.functional.unfold(f, 3).transpose(1, 2)  # (N, L, D)
-        mean, P = naive.means[layer], naive.precisions[layer]
-        d2 = torch.stack([((p - mean[k]) @ P[k] * (p - mean[k])).sum(-1) for k in range(mean.shape[0])], -1)  # (N, L, K)
-        ref = d2[..., 0] if weights is None else (d2 * weights[:, None, :]).sum(-1)
-        torch.testing.assert_close(maps[layer].flatten(1), ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
-
-
-def test_naive_reference_scores_like_the_detector(model, data):
-    fit, holdout, x = data
-    det = DetectorSpec("class", "mixture", "lowrank", 8).build(model, ["layer2", "layer3"]).fit(fit, holdout=holdout, progress=False)
-    torch.testing.assert_close(NaiveReference(det).score(x), det.score(x), rtol=1e-4, atol=1e-3)
 
 
 def test_tiny_run_writes_json_and_table(tmp_path):
@@ -97,17 +54,7 @@ def test_bad_arguments_raise(tmp_path, kwargs, match):
         run_timing(tmp_path, **kwargs)
 
 
-def test_memory_job_reduced_class_statistics_runs(monkeypatch, capsys):
-    """The subprocess entry point, run in-process at toy size (the real run spawns fresh interpreters)."""
+def test_memory_job_reduced_class_statistics_runs():
+    """The subprocess's job, run in-process at toy size (the real run spawns fresh interpreters)."""
     job = {"what": "class-reduced", "images": 12, "classes": 3, "layer": "layer4", "batch_size": 6, "rank": 8}
-    monkeypatch.setattr(sys, "argv", ["-c", json.dumps(job)])
-    _memory_child()
-    assert json.loads(capsys.readouterr().out)["peak_rss_mb"] > 0
-
-
-def test_cli_exposes_the_benchmark():
-    from covguard.bench.timing import main
-    from covguard.cli import build_parser
-
-    args = build_parser().parse_args(["bench", "timing", "--quick", "--no-memory", "--models", "resnet20", "--out", "x"])
-    assert args.func is main and args.quick and args.no_memory and args.models == ["resnet20"]
+    assert run_memory_job(job) > 0

@@ -335,7 +335,7 @@ def _sweep_markdown(models: dict, detectors: Sequence[str]) -> list[str]:
     swept = {name: m["sweep"] for name, m in models.items() if m.get("sweep")}
     if not swept:
         return []
-    budgets = list(next(iter(swept.values())))
+    budgets = sorted({b for s in swept.values() for b in s}, key=float)  # JSON keys are strings: "16" < "2"
     attacks = list(next(iter(swept.values()))[budgets[0]])
     lines = [
         "## AUROC against the L-inf budget",
