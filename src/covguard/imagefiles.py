@@ -161,8 +161,15 @@ def _tar_members(source: Path) -> list[tarfile.TarInfo]:
     try:
         with tarfile.open(source, mode="r:*") as archive:
             members = archive.getmembers()
+            archive.fileobj.seek(archive.offset)  # where tarfile stopped: the end-of-archive zero block
+            end = archive.fileobj.read(tarfile.BLOCKSIZE)
     except _TAR_ERRORS as err:
         raise ValueError(f"images {str(source)!r} is a truncated or corrupt tar archive ({type(err).__name__}: {err})") from err
+    if len(end) < tarfile.BLOCKSIZE or end.strip(b"\0"):  # tarfile stops silently at a cut header
+        raise ValueError(
+            f"images {str(source)!r} is a truncated tar archive: it ends inside a member at byte {archive.offset} "
+            "of its (uncompressed) data, before the end-of-archive marker"
+        )
     images = [m for m in members if Path(m.name).suffix.lower() in IMAGE_SUFFIXES]
     skipped = [m for m in images if not m.isfile()]
     if skipped:
