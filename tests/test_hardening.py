@@ -229,8 +229,8 @@ def test_huge_inputs_score_finite_and_flagged_never_nan(exponent, sign):
     ("kwargs", "error", "match"),
     [
         ({"layers": "feat"}, ValueError, "got the string 'feat'"),
-        ({"eps": float("inf")}, ValueError, "eps must be a finite number >= 0; got inf"),
-        ({"eps": float("nan")}, ValueError, "eps must be a finite number >= 0; got nan"),
+        ({"eps": float("inf")}, ValueError, "eps must be >= 0 and finite; got inf"),
+        ({"eps": float("nan")}, ValueError, "eps must be >= 0 and finite; got nan"),
         ({"eps": "0.01"}, TypeError, "eps must be a real number >= 0; got str '0.01'"),
         ({"rank": "8"}, TypeError, "rank must be an integer >= 1; got str '8'"),
         ({"rank": 2.5}, TypeError, "rank must be an integer >= 1; got float 2.5"),

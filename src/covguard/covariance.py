@@ -163,7 +163,7 @@ class CovarianceConfig:
         if isinstance(self.eps, bool) or not isinstance(self.eps, numbers.Real):
             raise TypeError(f"eps must be a real number >= 0; got {type(self.eps).__name__} {self.eps!r}")
         if not (math.isfinite(self.eps) and self.eps >= 0):
-            raise ValueError(f"eps must be a finite number >= 0; got {self.eps}")
+            raise ValueError(f"eps must be >= 0 and finite; got {self.eps}")
         if isinstance(self.rank, bool) or not isinstance(self.rank, numbers.Integral):
             raise TypeError(f"rank must be an integer >= 1; got {type(self.rank).__name__} {self.rank!r}")
         if self.rank < 1:
