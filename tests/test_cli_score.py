@@ -1,6 +1,8 @@
 """``covguard score``: a calibrated guard file + a registry model + a folder, tar or file of images -> CSV."""
 
 import csv
+import os
+import re
 import io
 import tarfile
 
@@ -205,3 +207,118 @@ def _parser_recording(seen):
         return parser
 
     return build
+
+
+# ---- issue 14: --out (cause 7), one error boundary (cause 8), bad images do not stop a run (cause 4) ----
+
+
+def test_out_that_is_an_input_is_refused_and_left_intact(setup, tmp_path, capsys):
+    root = setup[0]
+    image = root / "images" / "img0.png"
+    before = {p: p.read_bytes() for p in (image, root / "guard.safetensors")}
+    for out in (image, root / "guard.safetensors", root / "images" / "new.png"):
+        assert run(setup, root / "images", out, "--force") == 2
+        assert "--out" in capsys.readouterr().err
+    assert run(setup, image, image, "--force") == 2
+    assert {p: p.read_bytes() for p in before} == before and not (root / "images" / "new.png").exists()
+
+
+def test_existing_out_needs_force_and_survives_a_failed_run(setup, tmp_path, capsys, monkeypatch):
+    root = setup[0]
+    out = tmp_path / "scores.csv"
+    out.write_text("previous results\n")
+    assert run(setup, root / "images", out) == 2
+    assert "exists; pass --force" in capsys.readouterr().err and out.read_text() == "previous results\n"
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    import covguard.guard
+
+    monkeypatch.setattr(covguard.guard.Guard, "__call__", interrupted)
+    assert run(setup, root / "images", out, "--force", "--no-progress") == 130
+    assert out.read_text() == "previous results\n" and [p.name for p in tmp_path.iterdir()] == ["scores.csv"]
+    monkeypatch.undo()
+    assert run(setup, root / "images", out, "--force", "--no-progress") == 0 and out.read_text().startswith("path,")
+
+
+def test_out_folder_readonly_folder_and_under_a_file_are_one_line_errors(setup, tmp_path, capsys):
+    root = setup[0]
+    (tmp_path / "a_file").write_text("x")
+    readonly = tmp_path / "ro"
+    readonly.mkdir()
+    readonly.chmod(0o500)
+    try:
+        for out, match in [
+            (tmp_path, "is a folder"),
+            (tmp_path / "a_file" / "s.csv", "cannot create the folder of --out"),
+            (readonly / "s.csv", "Permission denied"),
+        ]:
+            if match == "Permission denied" and os.access(readonly, os.W_OK):
+                continue  # running as root: the folder is writable anyway
+            assert run(setup, root / "images", out, "--no-progress") == 2
+            err = capsys.readouterr().err
+            assert match in err and "Traceback" not in err and err.count("\n") == 1
+    finally:
+        readonly.chmod(0o700)
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"--weights": "text"}, "is not a readable safetensors file"),
+        ({"--weights": "truncated"}, "is not a readable torch.save"),
+        ({"--weights": "empty"}, "is not a readable safetensors file"),
+        ({"--device": "cuda:7"}, "--device 'cuda:7'"),
+        ({"--device": "bogus"}, "--device 'bogus' is not a torch device"),
+        ({"--device": "meta"}, "--device meta holds no data"),
+        ({"--model-arg": "bogus=1"}, r"--model-arg: small_cnn does not accept \['bogus', 'num_classes', 'width'\]"),
+    ],
+)
+def test_bad_options_exit_2_with_one_line(setup, tmp_path, capsys, change, match):
+    root = setup[0]
+    weights = {
+        "text": tmp_path / "w.safetensors",
+        "truncated": tmp_path / "w.pt",
+        "empty": tmp_path / "e.safetensors",
+    }
+    weights["text"].write_text("these are not weights\n")
+    torch.save(MODELS["small_cnn"](width=4, num_classes=3).state_dict(), weights["truncated"])
+    weights["truncated"].write_bytes(weights["truncated"].read_bytes()[:300])
+    weights["empty"].write_bytes(b"")
+    argv = ["score", "--detector", str(root / "guard.safetensors"), *MODEL_ARGS, "--weights", str(root / "weights.safetensors"),
+            "--images", str(root / "images"), "--out", str(tmp_path / "s.csv"), "--no-progress"]  # fmt: skip
+    for key, value in change.items():
+        if key == "--weights":
+            argv[argv.index(key) + 1] = str(weights[value])
+        else:
+            argv += [key, value]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert re.search(match, err) and err.startswith("covguard score: error:") and err.count("\n") == 1
+
+
+def test_bad_images_become_rows_and_names_stay_utf8(setup, tmp_path, monkeypatch):
+    root = setup[0]
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "good.png").write_bytes(setup[3]["img0.png"])
+    with open(os.path.join(os.fsencode(folder), b"caf\xe9.png"), "wb") as handle:
+        handle.write(setup[3]["img1.png"])
+    (folder / "fuzzed.tif").write_bytes(b"II*\x00\x08\x00\x00\x00" + b"\xff" * 64)
+    (folder / "blp.png").write_bytes(b"BLP2" + b"\x00" * 200)
+    out = tmp_path / "s.csv"
+    assert run(setup, folder, out, "--no-progress") == 0
+    rows = {r["path"]: r for r in read_csv(out)}
+    assert sorted(rows) == ["blp.png", "caf\\xe9.png", "fuzzed.tif", "good.png"]
+    assert rows["good.png"]["score"] and rows["caf\\xe9.png"]["score"]
+    for name in ("blp.png", "fuzzed.tif"):
+        assert rows[name]["flagged"] == "True" and rows[name]["error"].startswith("cannot decode image")
+        assert "BytesIO" not in rows[name]["error"]
+
+
+def test_guard_warns_on_another_spatial_size(setup):
+    _, _, guard, _ = setup
+    for shape in [(2, 1, 32, 32), (2, 1, 24, 24), (1, 1, 16, 250)]:
+        with pytest.warns(UserWarning, match=rf"x is {shape[2]}x{shape[3]} but the detector was fitted on 16x16"):
+            guard(torch.rand(shape))

@@ -102,18 +102,3 @@ def test_finetune_command_never_overwrites_without_force(tmp_path, capsys):
     assert main(["finetune", "--model", "resnet20", "--data", str(tmp_path), "--out", str(out)]) == 2
     assert "exists; pass --force" in capsys.readouterr().err and out.read_bytes() == b"keep me"
 
-
-def test_write_atomic_replaces_whole_files_with_umask_permissions(tmp_path):
-    import os
-
-    from covguard.atomic import write_atomic
-
-    target = tmp_path / "sub" / "out.bin"
-    write_atomic(target, b"one")
-    old = os.umask(0o022)
-    try:
-        write_atomic(target, b"two")
-    finally:
-        os.umask(old)
-    assert target.read_bytes() == b"two" and (target.stat().st_mode & 0o777) == 0o644
-    assert sorted(p.name for p in target.parent.iterdir()) == ["out.bin"]  # no temporary left

@@ -220,3 +220,41 @@ def test_huge_inputs_score_finite_and_flagged_never_nan(exponent, sign):
     out = guard(x)
     assert torch.isfinite(out.scores).all() and out.flagged[1]
     assert out.scores[1] > out.scores[[0, 2]].max()
+
+
+# ---- issue 14, minor: constructor and calibration arguments -----------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"layers": "feat"}, ValueError, "got the string 'feat'"),
+        ({"eps": float("inf")}, ValueError, "eps must be >= 0 and finite; got inf"),
+        ({"eps": float("nan")}, ValueError, "eps must be >= 0 and finite; got nan"),
+        ({"eps": "0.01"}, TypeError, "eps must be a real number >= 0; got str '0.01'"),
+        ({"rank": "8"}, TypeError, "rank must be an integer >= 1; got str '8'"),
+        ({"rank": 2.5}, TypeError, "rank must be an integer >= 1; got float 2.5"),
+    ],
+)
+def test_constructor_arguments_are_validated(kwargs, error, match):
+    model = FeatNet().eval()
+    layers = kwargs.pop("layers", ["feat"])
+    with pytest.raises(error, match=match):
+        cg.SimpleMahalanobis(model, layers=layers, **kwargs)
+
+
+@pytest.mark.parametrize("name", ["kernel_size", "padding"])
+def test_fractional_kernel_size_and_padding_are_refused(name):
+    with pytest.raises((TypeError, ValueError), match=name):
+        simple(**{name: 2.7})
+
+
+@pytest.mark.parametrize(("tpr", "error"), [("0.95", TypeError), (None, TypeError), (float("nan"), ValueError), (0.0, ValueError)])
+def test_calibrate_tpr_is_validated(fitted, tpr, error):
+    with pytest.raises(error, match="tpr must be"):
+        cg.Guard(fitted.model, fitted).calibrate([smooth_maps(10, seed=1)], tpr=tpr, progress=False)
+
+
+def test_detector_score_warns_on_another_spatial_size(fitted):
+    with pytest.warns(UserWarning, match="fitted on 6x6"):
+        fitted.score(smooth_maps(2, seed=1, size=12))

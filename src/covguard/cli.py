@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import csv
 import logging
 import sys
 import time
@@ -34,67 +33,9 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _score(args: argparse.Namespace) -> int:
-    """Run ``covguard score``; input and model errors are reported on stderr with exit status 2."""
-    try:
-        return _score_images(args)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"covguard score: error: {err}", file=sys.stderr)
-        return 2
+    from covguard.scoring_cli import run_score
 
-
-def _score_images(args: argparse.Namespace) -> int:
-    import torch
-    from tqdm.auto import tqdm
-
-    from covguard.guard import decode_image, iter_images, load_guard
-    from covguard.models import load_model
-
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1; got {args.batch_size}")
-    model = load_model(args.model, args.weights, model_args=args.model_arg, device=args.device)
-    guard = load_guard(args.detector, model, strict_model=not args.no_strict_model)
-    channels, height, width = guard.detector.input_shape_
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    total, images = iter_images(args.images)
-    if total == 0:
-        raise ValueError(f"--images {args.images!r} holds no image files (suffixes: .png, .jpg, ...)")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    counts = {"scored": 0, "flagged": 0, "failed": 0}
-
-    def flush(writer: csv.writer, names: list[str], xs: list[torch.Tensor]) -> None:
-        if not names:
-            return
-        result = guard(torch.stack(xs).to(dtype))  # (n, C, H, W)
-        for name, s, f, p in zip(names, result.scores.tolist(), result.flagged.tolist(), result.predictions.tolist()):
-            writer.writerow([name, repr(float(s)), f, p, ""])
-        counts["scored"] += len(names)
-        counts["flagged"] += int(result.flagged.sum())
-        names.clear()
-        xs.clear()
-
-    with out.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["path", "score", "flagged", "predicted_class", "error"])
-        names: list[str] = []
-        xs: list[torch.Tensor] = []
-        for name, data in tqdm(images, total=total, desc="score", unit="img", disable=args.no_progress):
-            try:
-                xs.append(decode_image(data, channels=channels, size=(height, width)))
-            except ValueError as err:
-                writer.writerow([name, "", True, "", str(err)])
-                counts["failed"] += 1
-                continue
-            names.append(name)
-            if len(names) == args.batch_size:
-                flush(writer, names, xs)
-        flush(writer, names, xs)
-    threshold = guard.threshold_
-    print(
-        f"scored {counts['scored']} images ({counts['failed']} could not be decoded): {counts['flagged']} flagged "
-        f"above threshold {threshold:.6g} (calibrated for TPR {guard.calibration_.tpr:.2f}); wrote {out}"
-    )
-    return 0
+    return run_score(args)
 
 
 def _data_root(value: str | None) -> Path:
@@ -276,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--no-strict-model", action="store_true",
                        help="accept a model whose parameters differ from the fitted ones (warns)")
     score.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    score.add_argument("--force", action="store_true", help="replace an existing --out (only when the run succeeds)")
     score.set_defaults(func=_score)
 
     bench = sub.add_parser("bench", help="reproduce a benchmark on real data").add_subparsers(dest="bench", required=True)
@@ -395,6 +337,9 @@ def _add_heatmap(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run a command. Errors in its inputs (``ValueError``, ``OSError``: bad files, options,
+    devices) are printed on one line of stderr with exit status 2, for every command; with
+    ``-v`` the traceback is logged too. Ctrl-C exits with status 130."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.threads is not None:
@@ -403,7 +348,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    return args.func(args)
+    command = " ".join(str(v) for v in (args.command, getattr(args, "bench", None)) if v)
+    try:
+        return args.func(args)
+    except (ValueError, OSError) as err:
+        logging.getLogger(__name__).info("covguard %s failed", command, exc_info=True)
+        message = str(err) if not isinstance(err, OSError) or not err.filename else f"{err.strerror or err}: {err.filename!r}"
+        print(f"covguard {command}: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"covguard {command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

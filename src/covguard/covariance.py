@@ -30,6 +30,8 @@ Chen et al. (2010) exactly as ``sklearn.covariance.oas`` computes it from the ML
 from __future__ import annotations
 
 import logging
+import math
+import numbers
 from dataclasses import dataclass, field
 
 import torch
@@ -158,8 +160,12 @@ class CovarianceConfig:
             raise ValueError(f"covariance must be one of {COVARIANCE_FORMS}; got {self.form!r}")
         if self.shrinkage not in SHRINKAGE:
             raise ValueError(f"shrinkage must be one of {SHRINKAGE}; got {self.shrinkage!r}")
-        if not self.eps >= 0:
-            raise ValueError(f"eps must be >= 0; got {self.eps}")
+        if isinstance(self.eps, bool) or not isinstance(self.eps, numbers.Real):
+            raise TypeError(f"eps must be a real number >= 0; got {type(self.eps).__name__} {self.eps!r}")
+        if not (math.isfinite(self.eps) and self.eps >= 0):
+            raise ValueError(f"eps must be >= 0 and finite; got {self.eps}")
+        if isinstance(self.rank, bool) or not isinstance(self.rank, numbers.Integral):
+            raise TypeError(f"rank must be an integer >= 1; got {type(self.rank).__name__} {self.rank!r}")
         if self.rank < 1:
             raise ValueError(f"rank must be >= 1; got {self.rank}")
 

@@ -68,6 +68,11 @@ def check_layers(model: nn.Module, layers: Sequence[str]) -> tuple[str, ...]:
     layers = tuple(layers)
     names = {name for name, _ in model.named_modules() if name}
     unknown = [name for name in layers if name not in names]
+    joined = "".join(layers) if all(isinstance(name, str) and len(name) == 1 for name in layers) else ""
+    if unknown and len(layers) > 1 and joined in names:
+        raise ValueError(
+            f"layers must be a sequence of module names; got the string {joined!r} split into letters (wrap it in a list)"
+        )
     if unknown:
         raise ValueError(f"layers {unknown} are not modules of the model; valid names: {sorted(names)}")
     if len(set(layers)) != len(layers):

@@ -10,33 +10,28 @@ The calibration is saved in the detector's own file (``calibration`` metadata, s
 :mod:`covguard.persistence`): ``guard.save(path)`` writes it, :func:`load_guard` reads it back;
 :func:`covguard.load` reads the same file as a plain detector.
 
-This module also reads image files for scoring (``covguard score``): a folder (recursive), a tar
-archive (any compression, read in place) or a single file, decoded with PIL, converted to the
-model's input channels (``L`` for 1, ``RGB`` for 3), resized to the fitted input size with
-bilinear interpolation (no crop: the aspect ratio is not kept) and scaled to float32 ``[0, 1]``.
+Image files to score are read by :mod:`covguard.imagefiles` (``iter_images``, ``decode_image``,
+re-exported here).
 """
 
 from __future__ import annotations
 
-import io
-import json
 import math
-import tarfile
+import numbers
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
 from covguard.detectors.base import Detector, check_is_fitted
+from covguard.imagefiles import IMAGE_SUFFIXES, decode_image, iter_images
 
 __all__ = ["IMAGE_SUFFIXES", "Calibration", "Guard", "GuardResult", "decode_image", "iter_images", "load_guard"]
 
-#: Suffixes (lower case) that :func:`iter_images` reads from a folder or an archive.
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"})
 _MIN_SE = 0.01  # warn when the calibration's TPR standard error exceeds one point
 
 
@@ -90,8 +85,29 @@ class Calibration:
         return cls(threshold=threshold, tpr=float(tpr), n=n, achieved_tpr=float((s <= threshold).double().mean()))
 
     @classmethod
-    def from_dict(cls, values: dict) -> Calibration:
-        return cls(float(values["threshold"]), float(values["tpr"]), int(values["n"]), float(values["achieved_tpr"]))
+    def from_dict(cls, values: dict[str, Any]) -> Calibration:
+        """The calibration of a saved guard, validated.
+
+        Raises
+        ------
+        ValueError
+            Other keys than ``threshold, tpr, n, achieved_tpr``; a threshold that is not a
+            finite number; ``tpr`` outside (0, 1]; ``n`` not a positive integer;
+            ``achieved_tpr`` outside [0, 1].
+        """
+        names = [f.name for f in cls.__dataclass_fields__.values()]
+        if not isinstance(values, dict) or sorted(values) != sorted(names):
+            got = sorted(values) if isinstance(values, dict) else type(values).__name__
+            raise ValueError(f"calibration must hold exactly {names}; got {got}")
+        threshold, tpr, n, achieved = (values[name] for name in names)
+        real = all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in (threshold, tpr, achieved))
+        if not real or not math.isfinite(threshold):
+            raise ValueError(f"calibration threshold, tpr and achieved_tpr must be finite numbers; got {values}")
+        if not 0.0 < tpr <= 1.0 or not 0.0 <= achieved <= 1.0:
+            raise ValueError(f"calibration tpr must be in (0, 1] and achieved_tpr in [0, 1]; got {tpr}, {achieved}")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"calibration n must be a positive integer; got {n!r}")
+        return cls(float(threshold), float(tpr), n, float(achieved))
 
 
 class Guard:
@@ -157,10 +173,14 @@ class Guard:
 
         Raises
         ------
+        TypeError
+            ``tpr`` is not a number.
         ValueError
             ``tpr`` outside (0, 1]; an unfitted detector; an empty loader; images whose scores
             are not finite (their activations are not: remove them).
         """
+        if isinstance(tpr, bool) or not isinstance(tpr, numbers.Real):
+            raise TypeError(f"tpr must be a number in (0, 1]; got {type(tpr).__name__} {tpr!r}")
         if not 0.0 < tpr <= 1.0:
             raise ValueError(f"tpr must be in (0, 1]; got {tpr}")
         check_is_fitted(self.detector)
@@ -195,6 +215,12 @@ class Guard:
         -------
         GuardResult
             ``predictions`` (N,), ``scores`` (N,), ``flagged`` (N,) on the model's device.
+
+        Warns
+        -----
+        UserWarning
+            ``x`` has another height or width than the images the detector was fitted on: its
+            scores are not calibrated (resize the images to the fitted size).
         """
         threshold = self.threshold_
         logits, scores = self.detector.logits_and_scores(x)
@@ -210,8 +236,11 @@ class Guard:
         return save(self.detector, path, calibration=asdict(self.calibration_))
 
 
-def load_guard(path: str | Path, model: nn.Module, *, strict_model: bool = True) -> Guard:
+def load_guard(path: str | Path, model: nn.Module, *, strict_model: bool = True, max_bytes: int | None = None) -> Guard:
     """Load a guard saved by :meth:`Guard.save`.
+
+    The whole file is verified (size, checksum, schema) before anything in it is used, then the
+    calibration, then the model (as :func:`covguard.load`).
 
     Parameters
     ----------
@@ -220,102 +249,33 @@ def load_guard(path: str | Path, model: nn.Module, *, strict_model: bool = True)
         The classifier the detector was fitted on.
     strict_model : bool, default True
         As :func:`covguard.load`: refuse a model whose parameters differ.
+    max_bytes : int, optional
+        Largest file accepted (default :data:`covguard.persistence.MAX_FILE_BYTES`).
 
     Raises
     ------
+    TypeError
+        ``model`` is not an ``nn.Module``.
+    covguard.persistence.GuardFileError
+        (a ValueError) The file holds no calibration (a detector saved without a guard) or an
+        invalid one, or as :func:`covguard.load`.
     ValueError
-        The file holds no calibration (a detector saved without a guard), or as :func:`covguard.load`.
+        A model that does not match, as :func:`covguard.load`.
     """
-    from covguard.persistence import load, read_metadata
+    from covguard.persistence import MAX_FILE_BYTES, GuardFileError, attach, check_model, read_guard_file
 
-    meta = read_metadata(path)
-    if "calibration" not in meta:
-        raise ValueError(
-            f"path {str(path)!r} holds a detector without a guard calibration; "
+    check_model(model)
+    content = read_guard_file(path, max_bytes=MAX_FILE_BYTES if max_bytes is None else max_bytes)
+    where = f"path {str(path)!r}"
+    if content.calibration is None:
+        raise GuardFileError(
+            f"{where} holds a detector without a guard calibration; "
             "calibrate it with Guard(model, detector).calibrate(loader) and save the guard"
         )
-    calibration = Calibration.from_dict(json.loads(meta["calibration"]))
-    guard = Guard(model, load(path, model, strict_model=strict_model))
+    try:
+        calibration = Calibration.from_dict(content.calibration)
+    except ValueError as err:
+        raise GuardFileError(f"{where} has invalid content: {err}") from err
+    guard = Guard(model, attach(content, model, strict_model=strict_model, where=where))
     guard.calibration_ = calibration
     return guard
-
-
-# ---- reading image files to score ------------------------------------------------------------
-
-
-def iter_images(source: str | Path) -> tuple[int, Iterator[tuple[str, bytes]]]:
-    """List the images of a folder (recursive), a tar archive or a single file.
-
-    Parameters
-    ----------
-    source : str or Path
-        A folder (files with a suffix in :data:`IMAGE_SUFFIXES`, at any depth, in sorted path
-        order), a tar archive (``.tar``, ``.tar.gz``, ... the same files in sorted member order,
-        read in place), or one image file.
-
-    Returns
-    -------
-    total : int
-        Number of images.
-    images : iterator of (str, bytes)
-        The name (path relative to the folder, member name, or the file path) and encoded bytes.
-    """
-    source = Path(source)
-    if source.is_dir():
-        files = sorted(p for p in source.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-        return len(files), ((p.relative_to(source).as_posix(), p.read_bytes()) for p in files)
-    if not source.is_file():
-        raise FileNotFoundError(f"images {str(source)!r} is neither a folder nor a file")
-    if tarfile.is_tarfile(source):
-        with tarfile.open(source, mode="r:*") as archive:
-            members = sorted(
-                (m for m in archive.getmembers() if m.isfile() and Path(m.name).suffix.lower() in IMAGE_SUFFIXES),
-                key=lambda m: m.name,
-            )
-
-        def read_tar() -> Iterator[tuple[str, bytes]]:
-            with tarfile.open(source, mode="r:*") as archive:
-                for member in members:
-                    handle = archive.extractfile(member)
-                    yield member.name, b"" if handle is None else handle.read()
-
-        return len(members), read_tar()
-    return 1, iter([(str(source), source.read_bytes())])
-
-
-def decode_image(data: bytes, *, channels: int, size: tuple[int, int]) -> Tensor:
-    """Decode an encoded image to float32 ``[0, 1]`` pixels of the model's input format.
-
-    Parameters
-    ----------
-    data : bytes
-        PNG, JPEG, ... anything PIL reads.
-    channels : {1, 3}
-        1: ``convert("L")`` (ITU-R 601-2 luma); 3: ``convert("RGB")`` (grey replicated, alpha dropped).
-    size : (int, int)
-        Output (H, W); the image is resized with bilinear interpolation (PIL ``BILINEAR``),
-        without cropping.
-
-    Returns
-    -------
-    Tensor of shape (channels, H, W), float32
-
-    Raises
-    ------
-    ValueError
-        If PIL cannot decode ``data`` or ``channels`` is not 1 or 3.
-    """
-    from PIL import Image
-
-    if channels not in (1, 3):
-        raise ValueError(f"channels must be 1 (grey) or 3 (RGB) to read image files; got {channels}")
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            img = img.convert("L" if channels == 1 else "RGB")
-            if img.size != (size[1], size[0]):
-                img = img.resize((size[1], size[0]), Image.BILINEAR)
-            pixels = np.asarray(img, dtype=np.uint8)  # (H, W) or (H, W, 3)
-    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as err:
-        raise ValueError(f"cannot decode image ({type(err).__name__}: {err})") from err
-    x = torch.from_numpy(pixels.copy()).float().div_(255.0)
-    return x[None] if channels == 1 else x.permute(2, 0, 1).contiguous()  # (C, H, W)

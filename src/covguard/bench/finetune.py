@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save as save_bytes
 
-from covguard.atomic import write_atomic
+from covguard.files import atomic_writer
 from covguard.bench.common import accuracy, load_cifar_model
 from covguard.data.registry import load_set
 from covguard.finetune import finetune
@@ -99,6 +99,9 @@ def finetune_checkpoint(
         "torch_threads": torch.get_num_threads(),
     }
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    write_atomic(out, save_bytes(state, metadata={"model": name, "jpeg_test_accuracy": f"{after:.4f}"}))
-    write_atomic(out.with_suffix(".json"), (json.dumps(log, indent=2) + "\n").encode())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_writer(out) as handle:
+        handle.write(save_bytes(state, metadata={"model": name, "jpeg_test_accuracy": f"{after:.4f}"}))
+    with atomic_writer(out.with_suffix(".json"), "w") as handle:
+        handle.write(json.dumps(log, indent=2) + "\n")
     return log

@@ -6,7 +6,8 @@ Images inside each set are ordered by path (sorted), whatever order the archive 
 
 Tar archives are read in place with :mod:`tarfile` (``mode="r:*"``, any compression); nothing
 is extracted to disk. Decoding is :func:`covguard.data.images.decode_image`; an image that fails
-to decode is skipped with one warning that counts the failures.
+to decode, or is larger than :data:`~covguard.decode.MAX_IMAGE_BYTES`, is skipped with one
+warning that counts the failures.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
+from covguard.decode import MAX_IMAGE_BYTES, DecodeError, read_image_file
 from covguard.data.images import (
     BatchDecoder,
     ImageSet,
@@ -95,7 +97,10 @@ def load_image_folder(
     files = files[:limit] if limit is not None else files
     decoder = BatchDecoder(len(files), size=size, name=name or root.name, source=str(root), progress=progress)
     for i, path in enumerate(files):
-        decoder.add(i, str(path), path.read_bytes())
+        try:
+            decoder.add(i, str(path), read_image_file(path))
+        except DecodeError as err:  # larger than MAX_IMAGE_BYTES, or unreadable
+            decoder.fail(str(path), str(err))
     return decoder.finish(np.array([index[p.parent.name] for p in files]), classes)
 
 
@@ -124,6 +129,9 @@ def read_members(
     """Decode ``members[i]`` into position ``i`` of ``decoder``, reading in storage order."""
     for i in sorted(range(len(members)), key=lambda j: members[j].offset):  # forward seeks only
         member = members[i]
+        if member.size > MAX_IMAGE_BYTES:
+            decoder.fail(member.name, f"member is {member.size} bytes, larger than the limit of {MAX_IMAGE_BYTES}")
+            continue
         try:
             handle = tar.extractfile(member)
             data = handle.read() if handle is not None else b""

@@ -39,6 +39,8 @@ from torch import Tensor
 from torch.utils.data import TensorDataset
 from tqdm.auto import tqdm
 
+from covguard.decode import DecodeError, open_image, to_uint8_mode
+
 __all__ = [
     "DecodeError",
     "ImageSet",
@@ -51,12 +53,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _GRAY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
-# What PIL raises on a broken file: UnidentifiedImageError and truncation are OSError.
-_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
-
-
-class DecodeError(ValueError):
-    """An image file that PIL cannot decode."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -170,16 +166,17 @@ def to_rgb_array(img: Image.Image, size: int = 32) -> tuple[np.ndarray, bool]:
 def decode_image(data: bytes, size: int = 32) -> tuple[np.ndarray, bool]:
     """Decode an encoded image (JPEG, PNG, ...) to ``(size, size, 3)`` uint8 RGB.
 
-    See :func:`to_rgb_array` for the conversion and resize. Raises :class:`DecodeError` when
-    PIL cannot read the bytes (truncated files are errors: PIL's ``LOAD_TRUNCATED_IMAGES``,
-    which OpenOOD switches on globally, is left off).
+    Decoding is :func:`covguard.decode.open_image` (bounded pixels, EXIF orientation
+    applied; truncated files are errors: PIL's ``LOAD_TRUNCATED_IMAGES``, which OpenOOD
+    switches on globally, is left off), high bit-depth modes are scaled to 8 bits by their
+    range (:func:`~covguard.decode.scaled_mode`), then :func:`to_rgb_array` converts
+    and resizes. Raises :class:`DecodeError` for any failure.
     """
+    img = to_uint8_mode(open_image(data))
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()
-            return to_rgb_array(img, size)
-    except _DECODE_ERRORS as err:
-        raise DecodeError(f"{type(err).__name__}: {err}") from err
+        return to_rgb_array(img, size)
+    except Exception as err:  # noqa: BLE001 (PIL's conversions of exotic modes)
+        raise DecodeError(f"cannot convert image mode {img.mode!r} to RGB ({type(err).__name__}: {err})") from err
 
 
 class BatchDecoder:
@@ -198,6 +195,11 @@ class BatchDecoder:
         self.gray = 0
         self.failed: list[tuple[str, str]] = []
         self.bar = tqdm(total=total, desc=f"decoding {name}", unit="img", disable=not progress, leave=False)
+
+    def fail(self, key: str, reason: str) -> None:
+        """Count an image that could not be read (left out of the set, warned about by :meth:`finish`)."""
+        self.failed.append((key, reason))
+        self.bar.update(1)
 
     def add(self, index: int, key: str, data: bytes) -> None:
         try:

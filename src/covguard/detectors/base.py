@@ -363,6 +363,14 @@ class Detector(ABC):
             raise ValueError(
                 f"x must have C={self.input_shape_[0]} channels (as at fit time); got {x.shape[1]} in shape {tuple(x.shape)}"
             )
+        if self.input_shape_ is not None and tuple(x.shape[2:]) != tuple(self.input_shape_[1:]):
+            warnings.warn(
+                f"x is {x.shape[2]}x{x.shape[3]} but the detector was fitted on {self.input_shape_[1]}x"
+                f"{self.input_shape_[2]} images: its scores (and a guard's threshold) are not calibrated for this "
+                "size; resize the images to the fitted size",
+                UserWarning,
+                stacklevel=4,
+            )
         return x.to(model_device(self.model))
 
     def _forward_loader(

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from covguard.detectors.base import Detector, eval_mode, warn_nonfinite
+from covguard.detectors.base import Detector, warn_nonfinite
+from covguard.features import eval_mode
 
 __all__ = ["ODIN", "odin_perturb"]
 

@@ -66,7 +66,8 @@ def load_checkpoint(model: ModelT, path: str | os.PathLike[str], *, strict: bool
     FileNotFoundError
         If ``path`` is not a file.
     ValueError
-        If the suffix is not one of ``CHECKPOINT_SUFFIXES``; if the file holds no state dict; if
+        If the suffix is not one of ``CHECKPOINT_SUFFIXES``; if the file cannot be read (truncated,
+        text, not the format its suffix says); if the file holds no state dict; if
         a tensor's shape differs from the model's; or, with ``strict=True``, if keys are missing
         or unexpected (the message lists up to 10 of each).
 
@@ -83,10 +84,19 @@ def load_checkpoint(model: ModelT, path: str | os.PathLike[str], *, strict: bool
         raise ValueError(
             f"path must end in one of {', '.join(CHECKPOINT_SUFFIXES)}; got {str(path)!r}"
         )
-    if suffix == ".safetensors":
-        content: object = load_file(path, device="cpu")
-    else:
-        content = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        if suffix == ".safetensors":
+            content: object = load_file(path, device="cpu")
+        else:
+            content = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, MemoryError) as err:
+        raise ValueError(f"checkpoint {str(path)!r} cannot be read: {type(err).__name__}: {err}") from err
+    except Exception as err:  # noqa: BLE001 (torch.load and safetensors raise many types on a bad file)
+        kind = "safetensors" if suffix == ".safetensors" else "torch.save (zip or legacy pickle of tensors)"
+        raise ValueError(
+            f"checkpoint {str(path)!r} is not a readable {kind} file, or it is truncated or corrupted: "
+            f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        ) from err
     state_dict = _strip_prefix(_find_state_dict(content, path))
 
     expected = model.state_dict()
