@@ -45,11 +45,13 @@ def _score_images(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from covguard.guard import decode_image, iter_images, load_guard
-    from covguard.models import load_model
+    from covguard.models.user import build_model
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1; got {args.batch_size}")
-    model = load_model(args.model, args.weights, model_args=args.model_arg, device=args.device)
+    model = build_model(
+        name=args.model, model_file=args.model_file, weights=args.weights, model_args=args.model_arg, device=args.device
+    )
     guard = load_guard(args.detector, model, strict_model=not args.no_strict_model)
     channels, height, width = guard.detector.input_shape_
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
@@ -182,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="CPU threads of torch (default: torch's choice). On a machine shared with other busy processes, "
              "fewer threads than cores avoid OpenMP barrier stalls that can slow work 10x or more",
     )
+    from covguard.models.user import add_model_arguments
+
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="train a small CNN on scikit-learn digits and benchmark the detectors")
     demo.add_argument("--out", default="reports/demo", help="report folder (default: reports/demo)")
@@ -203,10 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     score.add_argument("--detector", required=True, help="guard file written by Guard.save (safetensors)")
-    score.add_argument("--model", required=True, help="model name in covguard.models.MODELS")
-    score.add_argument("--weights", required=True, help="checkpoint of the model (.pt, .pth, .th, .safetensors)")
-    score.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
-                       help="keyword argument of the model constructor, repeatable (e.g. num_classes=100)")
+    add_model_arguments(score)  # --model NAME | --model-file PATH.py:FACTORY, --weights, --model-arg
     score.add_argument("--images", required=True, help="folder, tar archive or image file")
     score.add_argument("--out", required=True, help="CSV to write: path, score, flagged, predicted_class, error")
     score.add_argument("--batch-size", type=int, default=64)
@@ -269,6 +270,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_timing_arguments(timing).set_defaults(func=run_timing_cli)
     heatmap = sub.add_parser("heatmap", help="overlay per-patch distances of each layer on images (one PNG per image)")
     add_heatmap_arguments(heatmap).set_defaults(func=run_heatmap_cli)
+    from covguard.export import add_export_arguments
+    from covguard.fitting import add_fit_arguments
+
+    add_fit_arguments(sub.add_parser("fit", help="fit and calibrate a guard on a folder or tar of training images"))
+    add_export_arguments(sub.add_parser("export", help="export a model and its guard as one ONNX (or TorchScript) graph"))
     return parser
 
 
