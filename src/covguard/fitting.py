@@ -13,8 +13,8 @@ read in place):
 Images are decoded exactly as ``covguard score`` decodes them (:func:`covguard.guard.decode_image`:
 PIL, converted to the model's input channels, bilinear resize without crop, float32 in
 ``[0, 1]``), so that a guard sees the same pixels at fit and at score time. The input size is
-the most common image size (or ``image_size``); images of another size are resized, with one
-warning. Files PIL cannot read are skipped, with one warning.
+the most common image size, and images of another size are resized with one warning (or
+``image_size``, given: no warning). Files PIL cannot read are skipped, with one warning.
 
 A seeded share of the images (``calibration_fraction``) is held out: it alone standardizes
 the layer scores and sets the threshold (:meth:`covguard.Guard.calibrate`); the rest fits the
@@ -271,7 +271,9 @@ def read_training_images(
     if not kept:
         raise ValueError(f"--train {str(path)!r}: none of its {total} image files can be decoded")
     resized = sum(size != target for *_, size in kept)
-    if resized:
+    if resized and image_size is not None:
+        logger.info("%s: resized %d of %d images to %dx%d", path, resized, len(kept), *target)
+    elif resized:
         shown = ", ".join(f"{h}x{w}" for h, w in list(sizes)[:5])
         warnings.warn(
             f"--train {str(path)!r}: {resized} of {len(kept)} images are not {target[0]}x{target[1]} "
