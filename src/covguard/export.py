@@ -272,6 +272,8 @@ def export_guard(
             warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
             warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
             warnings.filterwarnings("ignore", message="Constant folding")
+            # torch 2.13 deprecates the TorchScript tracer (both formats rest on it): still supported, said in the docs
+            warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.")
             if format == "onnx":
                 torch.onnx.export(
                     guarded, (example,), tmp, dynamo=False, opset_version=opset, input_names=[_INPUT],
