@@ -1,4 +1,4 @@
-"""Command-line interface: ``covguard demo``, ``score``, ``heatmap``, ``bench adversarial|ood|shortcut|timing``."""
+"""Command-line interface: ``covguard demo``, ``fit``, ``score``, ``export``, ``heatmap``, ``bench adversarial|ood|shortcut|timing``."""
 
 from __future__ import annotations
 
