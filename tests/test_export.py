@@ -85,6 +85,13 @@ def test_onnxruntime_equals_covguard(tiny_model, images, one_thread, tmp_path, d
 def test_torchscript_export(tiny_model, images, one_thread, tmp_path):
     guard = guard_for(tiny_model, images, cg.ClassMahalanobis, covariance="lowrank", rank=4)
     path = guard.export(tmp_path / "guarded.pt", format="torchscript")
+    assert not tiny_model.training  # the classifier's mode is restored
+    tiny_model.train()
+    try:
+        guard.export(tmp_path / "again.pt", format="torchscript")
+        assert tiny_model.training
+    finally:
+        tiny_model.eval()
     loaded = torch.jit.load(str(path))
     x = probe_images(images)
     logits, score, flagged = loaded(x)

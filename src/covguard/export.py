@@ -178,6 +178,7 @@ class GuardedModel(nn.Module):
         self.register_buffer("score_std", detector.score_std_.double().to(device))  # (n_layers,)
         self.register_buffer("threshold", torch.tensor(float(threshold), dtype=torch.float64, device=device))
         self.input_shape = tuple(detector.input_shape_)
+        self.training = False  # an inference wrapper; the classifier's own mode is left as it is
 
     def _group_weights(self, logits: Tensor, groups: int) -> Tensor:
         """(N, G) weight of each class map: one-hot predicted class, or renormalized top-m probabilities."""
@@ -268,7 +269,9 @@ def export_guard(
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=EXPORT_FORMATS[format], dir=path.parent)
     os.close(fd)
     try:
-        with eval_mode(guarded), torch.no_grad(), warnings.catch_warnings():
+        # eval_mode on the classifier itself: its mode (not the wrapper's) is restored afterwards
+        with eval_mode(detector.model), torch.no_grad(), warnings.catch_warnings():
+            guarded.eval()
             warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
             warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
             warnings.filterwarnings("ignore", message="Constant folding")
