@@ -1,160 +1,16 @@
-"""Command-line interface: ``covguard demo``, ``score``, ``heatmap``, ``bench adversarial|ood|shortcut|timing``."""
+"""Command-line interface: ``covguard demo``, ``fit``, ``score``, ``export``, ``heatmap``, ``bench adversarial|ood|shortcut|timing``."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
-import time
 from collections.abc import Sequence
-from pathlib import Path
 
+from covguard import commands
 from covguard.covariance import COVARIANCE_FORMS
 
 __all__ = ["main"]
-
-
-def _demo(args: argparse.Namespace) -> int:
-    from covguard.bench.demo import DemoConfig, render_markdown, run_demo
-
-    config = DemoConfig(
-        seed=args.seed,
-        epochs=args.epochs,
-        covariance=args.covariance,
-        attack_eps=args.eps,
-        max_test=args.max_test,
-        progress=not args.no_progress,
-    )
-    tic = time.perf_counter()
-    result = run_demo(args.out, config)
-    print(render_markdown(result))
-    print(f"Report written to {args.out} in {time.perf_counter() - tic:.1f} s")
-    return 0
-
-
-def _score(args: argparse.Namespace) -> int:
-    from covguard.scoring_cli import run_score
-
-    return run_score(args)
-
-
-def _data_root(value: str | None) -> Path:
-    from covguard.data.registry import data_root
-
-    root = Path(value) if value else data_root()
-    if root is None or not root.is_dir():
-        raise SystemExit(f"covguard: --data must be a folder with the benchmark data; got {value!r} (and no COVGUARD_DATA)")
-    return root
-
-
-def _bench_adversarial(args: argparse.Namespace) -> int:
-    from covguard.bench.adversarial import AdversarialConfig, run_adversarial
-
-    config = AdversarialConfig(
-        models=tuple(args.models), attacks=tuple(args.attacks), eps=args.eps / 255, eps_l2=args.eps_l2,
-        steps=args.steps, igm_scales=args.igm_scales, n_images=args.n_images, n_holdout=args.n_holdout,
-        max_train=args.max_train, covariance=args.covariance, baselines=tuple(args.baselines), seed=args.seed,
-        batch_size=args.batch_size, device=args.device, checkpoints=args.checkpoints, progress=not args.no_progress,
-        sweep_eps=tuple(e / 255 for e in args.sweep_eps), sweep_attacks=tuple(args.sweep_attacks),
-    )
-    tic = time.perf_counter()
-    run_adversarial(_data_root(args.data), args.out, config, resume=args.resume)
-    print((Path(args.out) / "results.md").read_text())
-    print(f"Report written to {args.out} in {time.perf_counter() - tic:.1f} s")
-    return 0
-
-
-def _bench_ood(args: argparse.Namespace) -> int:
-    from covguard.bench.ood import OODConfig, run_ood
-
-    config = OODConfig(
-        models=tuple(args.models), n_holdout=args.n_holdout, max_train=args.max_train, max_eval=args.max_eval,
-        n_noise=args.n_noise, covariance=args.covariance, mixture=args.mixture, variants=args.variants, baselines=tuple(args.baselines), seed=args.seed,
-        batch_size=args.batch_size, device=args.device, checkpoints=args.checkpoints, progress=not args.no_progress,
-    )
-    tic = time.perf_counter()
-    run_ood(_data_root(args.data), args.out, config)
-    print((Path(args.out) / "results.md").read_text())
-    print(f"Report written to {args.out} in {time.perf_counter() - tic:.1f} s")
-    return 0
-
-
-def _bench_shortcut(args: argparse.Namespace) -> int:
-    """Run ``covguard bench shortcut``; bad arguments go to stderr with exit status 2."""
-    from covguard.bench.shortcut import ShortcutConfig, run_shortcut
-    from covguard.bench.shortcut_report import render_markdown
-
-    out = args.out.replace("<dataset>", args.dataset)
-    config = ShortcutConfig(
-        dataset=args.dataset, classes=tuple(args.classes), p_marked=args.p_marked, p_other=args.p_other, marker_size=args.marker,
-        position=args.position, seed=args.seed, epochs=args.epochs, lr=args.lr, data=args.data, model=args.model,
-        max_finetune=args.max_finetune, n_holdout=args.n_holdout, max_train=args.max_train, max_test=args.max_test,
-        layers=None if args.layers is None else tuple(args.layers), covariance=args.covariance, baselines=tuple(args.baselines),
-        n_heatmaps=args.n_heatmaps, batch_size=args.batch_size, device=args.device, progress=not args.no_progress,
-    )
-    tic = time.perf_counter()
-    try:
-        result = run_shortcut(out, config)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"covguard bench shortcut: error: {err}", file=sys.stderr)
-        return 2
-    print(render_markdown(result.to_dict()))
-    print(f"Report written to {out} ({Path(out) / 'report.html'}) in {time.perf_counter() - tic:.1f} s")
-    return 0
-
-
-def _bench_timing(args: argparse.Namespace) -> int:
-    from covguard.bench.timing import render_markdown, run_timing
-
-    result = run_timing(
-        args.out, models=tuple(args.models), batch_sizes=tuple(args.batch_sizes), repeats=args.repeats, quick=args.quick,
-        device=args.device, detectors=args.detectors, channels_last=not args.nchw, fit=not args.no_fit, memory=not args.no_memory,
-        memory_images=args.memory_images, memory_classes=tuple(args.memory_classes), progress=not args.no_progress,
-    )
-    print(render_markdown(result))
-    print(f"Report written to {args.out}")
-    return 0
-
-
-def _heatmap(args: argparse.Namespace) -> int:
-    """Run ``covguard heatmap``: errors in the inputs go to stderr with exit status 2."""
-    from covguard.heatmap_report import write_heatmap_report
-    from covguard.models import load_model
-    from covguard.persistence import load
-
-    try:
-        model = load_model(args.model, args.weights, model_args=args.model_arg, device=args.device)
-        report = write_heatmap_report(
-            load(args.detector, model, strict_model=not args.no_strict_model), args.images, args.out, layers=args.layers,
-            max_images=args.max_images, alpha=args.alpha, cmap=args.cmap, batch_size=args.batch_size, progress=not args.no_progress,
-            description=f"Detector `{args.detector}` on model `{args.model}` (`{args.weights}`)",
-        )
-    except (ValueError, FileNotFoundError, TypeError) as err:
-        print(f"covguard heatmap: error: {err}", file=sys.stderr)
-        return 2
-    print(f"wrote {len(report.figures)} heatmaps ({len(report.failed)} images could not be decoded) and {report.page}")
-    return 0
-
-
-def _finetune(args: argparse.Namespace) -> int:
-    from covguard.bench.common import finetuned_path
-    from covguard.bench.finetune import FinetuneConfig, finetune_checkpoint
-
-    config = FinetuneConfig(
-        epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, crop_padding=args.crop_padding, seed=args.seed,
-        max_train=args.max_train, device=args.device, progress=not args.no_progress,
-    )
-    out = Path(args.out) if args.out else finetuned_path(args.model)
-    try:
-        log = finetune_checkpoint(args.model, _data_root(args.data), out, config, force=args.force)
-    except (ValueError, FileExistsError, FileNotFoundError) as err:
-        print(f"covguard finetune: error: {err}", file=sys.stderr)
-        return 2
-    print(
-        f"{args.model}: JPEG test accuracy {log['jpeg_test_accuracy_before']:.4f} -> {log['jpeg_test_accuracy_after']:.4f} "
-        f"after {config.epochs} epochs ({log['train_seconds']:.0f} s); wrote {out} and {out.with_suffix('.json')}"
-    )
-    return 0
 
 
 def _add_bench_common(parser: argparse.ArgumentParser, out: str, *, models: bool = True, batch_size: int = 256) -> None:
@@ -194,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--eps", type=float, default=0.1, help="L-inf attack budget in [0, 1] pixel units")
     demo.add_argument("--max-test", type=int, default=None, help="cap on test images (quick runs)")
     demo.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    demo.set_defaults(func=_demo)
+    demo.set_defaults(func=commands.demo)
     score = sub.add_parser(
         "score",
         help="score image files with a calibrated guard; write per-image score, flag and predicted class (CSV)",
@@ -206,10 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     score.add_argument("--detector", required=True, help="guard file written by Guard.save (safetensors)")
-    score.add_argument("--model", required=True, help="model name in covguard.models.MODELS")
-    score.add_argument("--weights", required=True, help="checkpoint of the model (.pt, .pth, .th, .safetensors)")
-    score.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
-                       help="keyword argument of the model constructor, repeatable (e.g. num_classes=100)")
+    _add_model(score)  # --model NAME | --model-file PATH.py:FACTORY, --weights, --model-arg
     score.add_argument("--images", required=True, help="folder, tar archive or image file")
     score.add_argument("--out", required=True, help="CSV to write: path, score, flagged, predicted_class, error")
     score.add_argument("--batch-size", type=int, default=64)
@@ -218,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="accept a model whose parameters differ from the fitted ones (warns)")
     score.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     score.add_argument("--force", action="store_true", help="replace an existing --out (only when the run succeeds)")
-    score.set_defaults(func=_score)
+    score.set_defaults(func=commands.score)
 
     bench = sub.add_parser("bench", help="reproduce a benchmark on real data").add_subparsers(dest="bench", required=True)
     adv = bench.add_parser("adversarial", help="adversarial-example detection on CIFAR-10 (FGSM, BIM, PGD, PGD-L2, IGM, mix)")
@@ -236,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="attacks run at every --sweep-eps budget")
     adv.add_argument("--resume", action="store_true",
                      help="keep the checkpoints already in --out/results.json (same settings) and run the others")
-    adv.set_defaults(func=_bench_adversarial)
+    adv.set_defaults(func=commands.bench_adversarial)
     ood = bench.add_parser("ood", help="OOD detection on CIFAR-10: near CIFAR-100/TIN, far MNIST (OpenOOD v1.5 style)")
     _add_bench_common(ood, "results/ood")
     ood.add_argument("--max-eval", type=int, default=None, help="cap on images per evaluation set (seeded subset)")
@@ -244,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     ood.add_argument("--mixture", action="store_true", help="also score class_mahalanobis_mixture (slower)")
     ood.add_argument("--variants", action="store_true",
                      help="variant sweep: covariance forms, rank, aggregation, class scoring, with the ID-only selection rule")
-    ood.set_defaults(func=_bench_ood)
+    ood.set_defaults(func=commands.bench_ood)
     finetune = sub.add_parser(
         "finetune", help="fine-tune a shared CIFAR-10 ResNet on the JPEG training set (crop + flip, SGD, cosine)"
     )
@@ -260,10 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     finetune.add_argument("--force", action="store_true", help="overwrite an existing --out")
     finetune.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    finetune.set_defaults(func=_finetune)
+    finetune.set_defaults(func=commands.finetune)
     _add_shortcut(bench.add_parser("shortcut", help="shortcut-shift benchmark: a spurious marker learned, then moved or removed"))
     _add_timing(bench.add_parser("timing", help="scoring overhead next to the bare forward, fit throughput, peak fit memory"))
     _add_heatmap(sub.add_parser("heatmap", help="overlay per-patch distances of each layer on images (one PNG per image)"))
+    _add_fit(sub.add_parser("fit", help="fit and calibrate a guard on a folder or tar of training images"))
+    _add_export(sub.add_parser("export", help="export a model and its guard as one ONNX (or TorchScript) graph"))
     return parser
 
 
@@ -296,7 +151,7 @@ def _add_shortcut(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-test", type=int, default=None, help="cap on test images (seeded subset)")
     parser.add_argument("--layers", nargs="+", default=None, help="tapped layers (default: dataset's)")
     parser.add_argument("--n-heatmaps", type=int, default=d.n_heatmaps, help="fooled (c) images drawn as heatmaps")
-    parser.set_defaults(func=_bench_shortcut)
+    parser.set_defaults(func=commands.bench_shortcut)
 
 
 def _add_timing(parser: argparse.ArgumentParser) -> None:
@@ -313,7 +168,7 @@ def _add_timing(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--memory-images", nargs=2, type=int, default=None, help="data sizes of the memory runs (default 1000 10000)")
     parser.add_argument("--memory-classes", nargs="+", type=int, default=[10, 100], help="class counts of the class-statistics memory runs")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    parser.set_defaults(func=_bench_timing)
+    parser.set_defaults(func=commands.bench_timing)
 
 
 def _add_heatmap(parser: argparse.ArgumentParser) -> None:
@@ -333,12 +188,72 @@ def _add_heatmap(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-strict-model", action="store_true",
                         help="accept a model whose parameters differ from the fitted ones (warns)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    parser.set_defaults(func=_heatmap)
+    parser.set_defaults(func=commands.heatmap)
+
+
+def _add_model(parser: argparse.ArgumentParser) -> None:
+    """``--model`` | ``--model-file``, ``--weights``, ``--model-arg``: how the CLI names a classifier."""
+    from covguard.models import MODELS
+
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--model", help=f"model name in covguard.models.MODELS: {', '.join(MODELS)}")
+    which.add_argument(
+        "--model-file", metavar="PATH.py:FACTORY",
+        help="your own model: FACTORY(**model args) in PATH.py returns the nn.Module. This imports and runs "
+             "PATH.py as Python code: use only files you trust",
+    )
+    parser.add_argument("--weights", required=True, help="trained weights of the model (.pt, .pth, .th, .safetensors)")
+    parser.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
+                        help="keyword argument of the model constructor or factory, repeatable (e.g. num_classes=100)")
+
+
+def _add_fit(parser: argparse.ArgumentParser) -> None:
+    from covguard.fitting import DETECTOR_KINDS, FitConfig
+
+    d = FitConfig()
+    _add_model(parser)
+    parser.add_argument("--train", required=True, metavar="PATH",
+                        help="folder or tar of <class>/<image> (labels: sorted folder names); any images for --detector simple")
+    parser.add_argument("--out", required=True, help="guard file to write (safetensors)")
+    parser.add_argument("--detector", choices=sorted(DETECTOR_KINDS), default=d.detector,
+                        help="class: class-conditional Gaussians (needs labels); simple: one Gaussian per layer")
+    parser.add_argument("--layers", nargs="+", default=None, help="modules to tap (default: the model's feature_layers)")
+    parser.add_argument("--covariance", choices=COVARIANCE_FORMS, default=d.covariance)
+    parser.add_argument("--rank", type=int, default=d.rank, help="eigenpairs kept by --covariance lowrank")
+    parser.add_argument("--calibration-fraction", type=float, default=d.calibration_fraction,
+                        help="seeded held-out share of PATH that standardizes layer scores and sets the threshold")
+    parser.add_argument("--tpr", type=float, default=d.tpr, help="share of held-out in-distribution images accepted")
+    parser.add_argument("--seed", type=int, default=d.seed, help="seed of the calibration split")
+    parser.add_argument("--image-size", type=int, nargs=2, default=None, metavar=("H", "W"),
+                        help="input size (default: the most common image size; others are resized)")
+    parser.add_argument("--channels", type=int, choices=(1, 3), default=None,
+                        help="input channels (default: those of the model's first Conv2d)")
+    parser.add_argument("--batch-size", type=int, default=d.batch_size)
+    parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    parser.add_argument("--threads", type=int, default=argparse.SUPPRESS, metavar="N", help="CPU threads of torch")
+    parser.add_argument("--force", action="store_true", help="overwrite an existing --out")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.set_defaults(func=commands.fit)
+
+
+def _add_export(parser: argparse.ArgumentParser) -> None:
+    from covguard.export import DEFAULT_OPSET, EXPORT_FORMATS
+
+    parser.add_argument("--detector", required=True, help="guard file written by covguard fit or Guard.save (safetensors)")
+    _add_model(parser)
+    parser.add_argument("--format", choices=sorted(EXPORT_FORMATS), default="onnx")
+    parser.add_argument("--out", required=True, help="file to write (e.g. guarded.onnx)")
+    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset version (default: {DEFAULT_OPSET})")
+    parser.add_argument("--device", default="cpu", help="torch device to trace on (default: cpu)")
+    parser.add_argument("--no-strict-model", action="store_true",
+                        help="accept a model whose parameters differ from the fitted ones (warns)")
+    parser.add_argument("--force", action="store_true", help="overwrite an existing --out")
+    parser.set_defaults(func=commands.export)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run a command. Errors in its inputs (``ValueError``, ``OSError``: bad files, options,
-    devices) are printed on one line of stderr with exit status 2, for every command; with
+    devices; ``ImportError``: a missing optional dependency) are printed on one line of stderr with exit status 2, for every command; with
     ``-v`` the traceback is logged too. Ctrl-C exits with status 130."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -351,7 +266,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = " ".join(str(v) for v in (args.command, getattr(args, "bench", None)) if v)
     try:
         return args.func(args)
-    except (ValueError, OSError) as err:
+    except (ValueError, OSError, ImportError) as err:
         logging.getLogger(__name__).info("covguard %s failed", command, exc_info=True)
         message = str(err) if not isinstance(err, OSError) or not err.filename else f"{err.strerror or err}: {err.filename!r}"
         print(f"covguard {command}: error: {message}", file=sys.stderr)

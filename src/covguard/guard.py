@@ -235,6 +235,16 @@ class Guard:
             raise ValueError("the guard is not calibrated yet; call calibrate(loader, tpr=...) before save")
         return save(self.detector, path, calibration=asdict(self.calibration_))
 
+    def export(self, path: str | Path, *, format: str = "onnx", opset: int = 17) -> Path:
+        """Write the model and this guard as one graph: ``images`` (N, C, H, W) in [0, 1] ->
+        ``logits`` (N, K), ``score`` (N,), ``flagged`` (N,); see :func:`covguard.export.export_guard`.
+
+        ``format`` is ``"onnx"`` (needs ``pip install 'covguard[export]'``) or ``"torchscript"``.
+        """
+        from covguard.export import export_guard
+
+        return export_guard(self, path, format=format, opset=opset)
+
 
 def load_guard(path: str | Path, model: nn.Module, *, strict_model: bool = True, max_bytes: int | None = None) -> Guard:
     """Load a guard saved by :meth:`Guard.save`.

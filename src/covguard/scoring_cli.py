@@ -58,13 +58,15 @@ def run_score(args: argparse.Namespace) -> int:
     from covguard.decode import DecodeError
     from covguard.files import atomic_writer
     from covguard.guard import decode_image, iter_images, load_guard
-    from covguard.models import load_model
+    from covguard.models.user import load_classifier
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1; got {args.batch_size}")
     out, images = Path(args.out), Path(args.images)
     check_output(out, inputs=[Path(args.detector), Path(args.weights), images], images=images, force=args.force)
-    model = load_model(args.model, args.weights, model_args=args.model_arg, device=args.device)
+    model = load_classifier(
+        name=args.model, model_file=args.model_file, weights=args.weights, model_args=args.model_arg, device=args.device
+    )
     guard = load_guard(args.detector, model, strict_model=not args.no_strict_model)
     channels, height, width = guard.detector.input_shape_
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)

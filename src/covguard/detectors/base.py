@@ -3,9 +3,8 @@
 Two levels, as in pytorch-ood: the model level (``fit(loader)``, ``score(x)``) runs the network
 and calls the features level (``partial_fit(logits, feats, y)`` per batch, ``finish_fit()`` per
 pass over the data, ``score_features(logits, feats)``), which anyone holding the captured
-features can call directly (:func:`~covguard.detectors.multi.fit_detectors` fits many detectors
-from one forward pass this way). A detector whose fit reads the data more than once declares
-it in :attr:`Detector.fit_passes`.
+features can call directly (:func:`~covguard.detectors.multi.fit_detectors` does). A detector
+whose fit reads the data more than once declares it in :attr:`Detector.fit_passes`.
 
 The base class owns the plumbing every detector shares and nothing else: input validation,
 eval mode (restored afterwards), ``no_grad``, one forward pass capturing the layers a detector

@@ -9,7 +9,6 @@ from __future__ import annotations
 import warnings
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from covguard.detectors.base import Detector, check_is_fitted, warn_nonfinite
