@@ -317,10 +317,12 @@ def _check_members(members: Mapping[str, Detector]) -> dict[str, Detector]:
         if not isinstance(det, Detector):
             raise TypeError(f"member {name!r} must be a covguard Detector; got {type(det).__name__}")
     counts = Counter(id(det.model) for det in members.values())
-    model_id = max(counts, key=lambda i: (counts[i], i == id(next(iter(members.values())).model)))
+    first = id(next(iter(members.values())).model)
+    model_id = max(counts, key=lambda i: (counts[i], i == first))  # the most common model; ties: the first member's
     odd = [name for name, det in members.items() if id(det.model) != model_id]
     if odd:
-        raise ValueError(f"members must all wrap the same model object; {odd} wrap another model than {sorted(set(members) - set(odd))}")
+        others = [name for name in members if name not in odd]
+        raise ValueError(f"members must all wrap the same model object; {odd} wrap another model than {others}")
     own_score = [name for name, det in members.items() if type(det).score is not Detector.score]
     if own_score:
         raise ValueError(
@@ -332,7 +334,9 @@ def _check_members(members: Mapping[str, Detector]) -> dict[str, Detector]:
         current = parameter_sha256(next(iter(members.values())).model)
         changed = sorted(name for name, sha in stale.items() if sha != current)
         if changed:
-            raise ValueError(f"members {changed} were fitted on other weights of the model (its parameters changed since); refit them")
+            raise ValueError(
+                f"members {changed} were fitted on other weights of the model (its parameters changed since); refit them"
+            )
     return members
 
 
