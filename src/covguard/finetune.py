@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from covguard.data.batches import to_unit_float
 from covguard.features import model_device
 
 __all__ = ["finetune", "random_crop"]
@@ -147,7 +148,7 @@ def finetune(
             for i in tqdm(range(0, n, batch_size), desc=f"epoch {epoch + 1}", leave=False, disable=not progress):
                 idx = order[i : i + batch_size]
                 x = images[idx]
-                x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()  # (n, C, H, W)
+                x = to_unit_float(x)  # (n, C, H, W)
                 if flip:
                     mirror = torch.rand(len(idx), generator=gen) < 0.5
                     x = torch.where(mirror[:, None, None, None], x.flip(-1), x)

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from covguard.data.batches import ImageBatches
 from covguard.data.images import ImageSet
 from covguard.detectors import ClassMahalanobis, Detector, SimpleMahalanobis
 from covguard.detectors.baselines import BASELINES
@@ -21,7 +22,6 @@ __all__ = [
     "CHECKPOINT_KINDS",
     "CIFAR_LAYERS",
     "CIFAR_MODELS",
-    "UInt8Batches",
     "accuracy",
     "add_mixture",
     "baseline_detectors",
@@ -165,38 +165,9 @@ def format_mean_std(values: Sequence[float], *, scale: float = 100.0, digits: in
 
 
 
-class UInt8Batches:
-    """Re-iterable batches ``(x, y)`` of uint8 images turned into [0, 1] floats one batch at a time.
-
-    Keeps a 50,000-image training set at 150 MB (uint8) instead of 600 MB (float32).
-
-    Parameters
-    ----------
-    images : Tensor of shape (N, C, H, W), uint8
-    labels : Tensor of shape (N,), int64
-    batch_size : int
-    """
-
-    def __init__(self, images: Tensor, labels: Tensor, batch_size: int) -> None:
-        if images.dtype != torch.uint8 or images.ndim != 4:
-            raise ValueError(f"images must be a uint8 tensor (N, C, H, W); got {images.dtype} {tuple(images.shape)}")
-        if labels.shape != (images.shape[0],):
-            raise ValueError(f"labels must have shape ({images.shape[0]},); got {tuple(labels.shape)}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1; got {batch_size}")
-        self.images, self.labels, self.batch_size = images, labels, batch_size
-
-    def __len__(self) -> int:
-        return -(-self.images.shape[0] // self.batch_size)
-
-    def __iter__(self):
-        for i in range(0, self.images.shape[0], self.batch_size):
-            yield self.images[i : i + self.batch_size].float().div_(255.0), self.labels[i : i + self.batch_size]
-
-
 def split_train(
     train: ImageSet, *, n_holdout: int, max_train: int | None, seed: int, batch_size: int
-) -> tuple[UInt8Batches, UInt8Batches]:
+) -> tuple[ImageBatches, ImageBatches]:
     """Seeded split of the training set: (fit batches, held-out batches of ``n_holdout`` images).
 
     The fit part holds the rest, at most ``max_train`` images.
@@ -206,8 +177,8 @@ def split_train(
     if max_train is not None:
         fit_idx = fit_idx[:max_train]
     return (
-        UInt8Batches(train.images[fit_idx], train.labels[fit_idx], batch_size),
-        UInt8Batches(train.images[hold_idx], train.labels[hold_idx], batch_size),
+        ImageBatches(train.images[fit_idx], train.labels[fit_idx], batch_size),
+        ImageBatches(train.images[hold_idx], train.labels[hold_idx], batch_size),
     )
 
 

@@ -9,7 +9,6 @@ detector fit.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from torch.utils.data import TensorDataset
 
 from covguard.bench.shortcut_config import ShortcutConfig
 from covguard.data.shortcut import MarkerSpec, ShortcutSet, resolve_classes, shortcut_set
+from covguard.data.batches import ImageBatches
 from covguard.finetune import finetune
 
 __all__ = ["ShortcutSetup", "float_batches", "prepare"]
@@ -70,20 +70,9 @@ def _seeded_subset(n: int, limit: int | None, seed: int) -> Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:limit].sort().values
 
 
-def float_batches(data: ShortcutSet, batch_size: int):
+def float_batches(data: ShortcutSet, batch_size: int) -> ImageBatches:
     """Re-iterable (x, y) batches of float32 [0, 1] images, converted one batch at a time."""
-
-    class Batches:
-        def __len__(self) -> int:
-            return math.ceil(len(data) / batch_size)
-
-        def __iter__(self):
-            for i in range(0, len(data), batch_size):
-                x = data.images[i : i + batch_size]
-                x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
-                yield x, data.labels[i : i + batch_size]
-
-    return Batches()
+    return ImageBatches(data.images, data.labels, batch_size)
 
 
 def _take(data: ShortcutSet, rows: Tensor) -> ShortcutSet:
