@@ -182,6 +182,7 @@ def export(args: argparse.Namespace) -> int:
     import torch
 
     from covguard.export import export_guard, verify_onnx
+    from covguard.features import model_dtype
     from covguard.guard import load_guard
     from covguard.models.user import load_classifier
 
@@ -208,7 +209,7 @@ def export(args: argparse.Namespace) -> int:
         except ImportError:
             print("onnxruntime is not installed: the file was not run (pip install 'covguard[export]')")
             return 0
-        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+        dtype = model_dtype(model)
         x = torch.rand(8, C, H, W, generator=torch.Generator().manual_seed(0)).to(dtype)
         check = verify_onnx(guard, out, x)
         print(

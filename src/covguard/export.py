@@ -46,8 +46,7 @@ from torch import Tensor, nn
 
 from covguard.detectors import ClassMahalanobis, SimpleMahalanobis
 from covguard.detectors.base import check_is_fitted
-from covguard.features import eval_mode
-from covguard.features import FeatureTap, model_device
+from covguard.features import FeatureTap, eval_mode, model_device, model_dtype
 
 __all__ = ["DEFAULT_OPSET", "EXPORT_FORMATS", "GuardedModel", "export_guard", "verify_onnx"]
 
@@ -163,7 +162,7 @@ class GuardedModel(nn.Module):
         self.aggregate = detector.aggregate
         self.scoring = getattr(detector, "scoring", "top1")
         self.top_m = int(getattr(detector, "top_m", 1))
-        dtype = next((p.dtype for p in self.model.parameters() if p.is_floating_point()), torch.float32)
+        dtype = model_dtype(self.model)
         _warn_if_out_of_range(detector, dtype)
         self.distances = nn.ModuleList(
             _LayerDistance(

@@ -17,8 +17,8 @@ import torch
 from torch import Tensor, nn
 
 from covguard.detectors import ClassMahalanobis, SimpleMahalanobis
-from covguard.features import FeatureTap, eval_mode, model_device
 from covguard.data.training_images import TrainingImages
+from covguard.features import FeatureTap, eval_mode, model_device, model_dtype
 from covguard.guard import Guard
 
 __all__ = [
@@ -218,7 +218,7 @@ def fit_guard(model: nn.Module, data: TrainingImages, config: FitConfig) -> tupl
     summary : FitSummary
     """
     tic = time.perf_counter()
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    dtype = model_dtype(model)
     probe = data.float(torch.tensor([0])).to(dtype=dtype, device=model_device(model))  # (1, C, H, W)
     layers = config.layers or default_layers(model, probe)
     logits, _ = _probe(model, probe, layers)

@@ -15,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from covguard.detectors.patch import PatchMahalanobis
-from covguard.features import model_device
+from covguard.features import model_device, model_dtype
 from covguard.guard import decode_image, iter_images
 from covguard.heatmap import check_heatmap_layers, save_heatmaps, score_maps
 from covguard.html_report import Section, write_html_report
@@ -99,7 +99,7 @@ def write_heatmap_report(
     layers = check_heatmap_layers(detector, layers)
     model = detector.model
     channels, height, width = detector.input_shape_
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    dtype = model_dtype(model)
     total, files = iter_images(images)
     if total == 0:
         raise ValueError(f"images {str(images)!r} holds no image files (suffixes: .png, .jpg, ...)")

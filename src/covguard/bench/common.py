@@ -15,6 +15,7 @@ from covguard.data.images import ImageSet
 from covguard.detectors import ClassMahalanobis, Detector, SimpleMahalanobis
 from covguard.detectors.baselines import BASELINES
 from covguard.detectors.multi import fit_detectors
+from covguard.features import model_device
 from covguard.models import cifar_resnet
 
 __all__ = [
@@ -95,7 +96,7 @@ def load_cifar_model(
 @torch.no_grad()
 def predict(model: nn.Module, x: Tensor, *, batch_size: int = 512) -> Tensor:
     """Predicted classes (N,) on the CPU, in batches."""
-    device = next(model.parameters()).device
+    device = model_device(model)
     return torch.cat([model(x[i : i + batch_size].to(device)).argmax(1).cpu() for i in range(0, len(x), batch_size)])
 
 
