@@ -21,6 +21,8 @@ __all__ = [
     "CHECKPOINT_KINDS",
     "CIFAR_LAYERS",
     "CIFAR_MODELS",
+    "FORMS",
+    "VARIANTS",
     "UInt8Batches",
     "accuracy",
     "add_mixture",
@@ -45,6 +47,25 @@ CHECKPOINT_KINDS = ("original", "finetuned")
 CHECKPOINT_DIR = Path(__file__).resolve().parents[3] / "checkpoints"
 #: The four stages tapped on the CIFAR ResNets; ``avgpool`` is the pooled penultimate feature.
 CIFAR_LAYERS = ("layer1", "layer2", "layer3", "avgpool")
+#: Covariance forms of the variant sweep: name -> changes passed to ``refit``.
+FORMS = {
+    "full": {},
+    "full-oas": {"shrinkage": "oas"},
+    "diag": {"covariance": "diag"},
+    "lowrank-16": {"covariance": "lowrank", "rank": 16},
+    "lowrank-64": {"covariance": "lowrank", "rank": 64},
+}
+#: Variants of our patch detectors (``bench ood --variants``; the grid of the validation protocol):
+#: name (detector/covariance form/aggregation) -> (fitted detector it derives from, changes passed
+#: to ``refit``). ``*/full/mean`` are the main detectors themselves.
+VARIANTS: dict[str, tuple[str, dict]] = {
+    **{f"{kind}/{form}/mean": (det, changes)
+       for kind, det in (("simple", "simple_mahalanobis"), ("class-top1", "class_mahalanobis_top1"))
+       for form, changes in FORMS.items()},
+    "simple/full/max": ("simple_mahalanobis", {"aggregate": "max"}),
+    "class-top1/full/max": ("class_mahalanobis_top1", {"aggregate": "max"}),
+    "class-mixture/full/mean": ("class_mahalanobis_top1", {"scoring": "mixture"}),
+}
 
 
 def checkpoint_path(root: Path, name: str) -> Path:

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from covguard.bench.common import (
-    accuracy, fit_on_train, format_mean_std, load_cifar_model, mean_std, split_train, weights_description,
+    FORMS, VARIANTS, accuracy, fit_on_train, format_mean_std, load_cifar_model, mean_std, split_train, weights_description,
 )
 from covguard.data.images import jpeg_matched
 from covguard.data.registry import load_set
@@ -49,22 +49,6 @@ FAR = ("mnist", "mnist_jpeg")
 SYNTHETIC = ("uniform_noise", "gaussian_noise")
 #: Detector shown first in tables: fixed before any OOD data was scored.
 HEADLINE = "class_mahalanobis_top1"
-#: Variant sweep: name -> (fitted detector it derives from, changes passed to ``refit``).
-#: ``*/full/mean`` are the main detectors themselves.
-FORMS = {
-    "full": {},
-    "full-oas": {"shrinkage": "oas"},
-    "diag": {"covariance": "diag"},
-    "lowrank-16": {"covariance": "lowrank", "rank": 16},
-    "lowrank-64": {"covariance": "lowrank", "rank": 64},
-}
-VARIANTS: dict[str, tuple[str, dict]] = {
-    **{f"{kind}/{form}/mean": (det, changes) for kind, det in (("simple", "simple_mahalanobis"), ("class-top1", HEADLINE))
-       for form, changes in FORMS.items()},
-    "simple/full/max": ("simple_mahalanobis", {"aggregate": "max"}),
-    "class-top1/full/max": (HEADLINE, {"aggregate": "max"}),
-    "class-mixture/full/mean": (HEADLINE, {"scoring": "mixture"}),
-}
 
 
 @dataclass(frozen=True)
