@@ -113,6 +113,7 @@ def _bench_adversarial(args: argparse.Namespace) -> int:
         max_train=args.max_train, covariance=args.covariance, baselines=tuple(args.baselines), seed=args.seed,
         batch_size=args.batch_size, device=args.device, checkpoints=args.checkpoints, progress=not args.no_progress,
         sweep_eps=tuple(e / 255 for e in args.sweep_eps), sweep_attacks=tuple(args.sweep_attacks),
+        protocol=args.protocol,
     )
     tic = time.perf_counter()
     run_adversarial(_data_root(args.data), args.out, config, resume=args.resume)
@@ -128,6 +129,7 @@ def _bench_ood(args: argparse.Namespace) -> int:
         models=tuple(args.models), n_holdout=args.n_holdout, max_train=args.max_train, max_eval=args.max_eval,
         n_noise=args.n_noise, covariance=args.covariance, mixture=args.mixture, variants=args.variants, baselines=tuple(args.baselines), seed=args.seed,
         batch_size=args.batch_size, device=args.device, checkpoints=args.checkpoints, progress=not args.no_progress,
+        protocol=args.protocol,
     )
     tic = time.perf_counter()
     run_ood(_data_root(args.data), args.out, config)
@@ -174,6 +176,10 @@ def _add_bench_common(parser: argparse.ArgumentParser, out: str) -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    from covguard.bench.validation import PROTOCOLS
+
+    parser.add_argument("--protocol", choices=PROTOCOLS, default="fixed",
+                        help="hyperparameters fixed in advance, chosen on ID-val vs OOD-val (OpenOOD v1.5), or both reported")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -244,13 +244,15 @@ def fit_on_train(
     batch_size: int = 256,
     mixture: bool = True,
     keep_moments: bool = False,
+    also_fit: Sequence[Detector] = (),
     progress: bool = True,
 ) -> tuple[dict[str, Detector], dict[str, int]]:
     """Our patch detectors and the baselines, fitted together on the training set.
 
     ``n_holdout`` training images (seeded permutation, :func:`split_train`) are held out from
     the fit and only standardize the layer scores; the rest (at most ``max_train``) fit every
-    detector.
+    detector. ``also_fit``: more detectors of the same model fitted in the same passes over the
+    data (the grid points of the validation protocol); they are fitted in place, not returned.
 
     Returns
     -------
@@ -264,7 +266,7 @@ def fit_on_train(
         **patch_detectors(model, CIFAR_LAYERS, covariance=covariance, keep_moments=keep_moments),
         **baseline_detectors(model, baselines),
     }
-    fit_detectors(list(detectors.values()), fit_loader, holdout=hold_loader, progress=progress)
+    fit_detectors([*detectors.values(), *also_fit], fit_loader, holdout=hold_loader, progress=progress)
     if mixture:
         add_mixture(detectors, hold_loader, progress=progress)
     return detectors, {"n_fit": len(fit_loader.images), "n_holdout": len(hold_loader.images)}
