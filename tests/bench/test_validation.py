@@ -2,18 +2,12 @@
 ``bench ood`` and ``bench adversarial`` on a synthetic data root built here."""
 
 import copy
-import gzip
-import io
 import json
-import struct
-import tarfile
 
-import numpy as np
 import pytest
 import torch
 from conftest import make_images
-from PIL import Image
-from torch import nn
+from fake_root import build_root, train_tiny_net
 
 import covguard.bench.adversarial as adversarial_bench
 import covguard.bench.ood as ood_bench
@@ -23,7 +17,6 @@ from covguard.bench.ood import OODConfig, run_ood
 from covguard.bench.validation import (
     GRIDS, choose, grid_clones, grid_points, id_val_split, ood_val_split, point_label, report_config, select,
 )
-from covguard.data.cifar import CIFAR10_CLASSES
 from covguard.detectors.knn import KNN
 from covguard.detectors.baselines import BASELINES
 from covguard.detectors.multi import fit_detectors
@@ -130,74 +123,6 @@ def test_choose_keeps_the_best_validation_auroc_and_grid_points_equal_fresh_fits
 
 # ---- tiny end-to-end runs on a synthetic data root -------------------------------------------
 
-PALETTE = np.array([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
-                    [145, 30, 180], [70, 240, 240], [240, 50, 230], [210, 245, 60], [128, 128, 128]])
-
-
-def _jpeg(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="JPEG", quality=90)
-    return buf.getvalue()
-
-
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    tar.addfile(info, io.BytesIO(data))
-
-
-def _colour_images(rng, label: int, n: int, size: int = 32) -> list[np.ndarray]:
-    base = PALETTE[label % len(PALETTE)]
-    return [np.clip(base + rng.integers(-40, 41, size=(size, size, 3)), 0, 255).astype(np.uint8) for _ in range(n)]
-
-
-def _idx(array: np.ndarray, code: int) -> bytes:
-    return bytes([0, 0, code, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape) + array.tobytes()
-
-
-def build_root(root):
-    """The layout of ../shared/data in miniature: 160 train / 100 test CIFAR-10 images (class colours),
-    100 CIFAR-100 classes of 1, 25 Tiny ImageNet classes of 2 (64x64), 40 MNIST digits."""
-    rng = np.random.default_rng(0)
-    (root / "cifar10-jpeg").mkdir(parents=True)
-    for split, n in (("train", 16), ("test", 10)):
-        with tarfile.open(root / "cifar10-jpeg" / f"{split}.tar", "w") as tar:
-            for k, cls in enumerate(CIFAR10_CLASSES):
-                for i, a in enumerate(_colour_images(rng, k, n)):
-                    _add(tar, f"{split}/{cls}/{i:04d}.jpg", _jpeg(a))
-    with tarfile.open(root / "cifar100-jpeg.tar", "w") as tar:
-        for k in range(100):
-            _add(tar, f"cifar100-jpeg/test/c{k:02d}/0000.jpg", _jpeg(_colour_images(rng, k + 3, 1)[0]))
-    wnids = [f"n{k:08d}" for k in range(25)]
-    with tarfile.open(root / "tiny-imagenet-200-val.tar", "w") as tar:
-        _add(tar, "tiny-imagenet-200/wnids.txt", "\n".join(wnids).encode())
-        lines = []
-        for i in range(50):
-            _add(tar, f"tiny-imagenet-200/val/images/val_{i}.JPEG", _jpeg(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)))
-            lines.append(f"val_{i}.JPEG\t{wnids[i % 25]}\t0\t0\t63\t63")
-        _add(tar, "tiny-imagenet-200/val/val_annotations.txt", "\n".join(lines).encode())
-    (root / "mnist").mkdir()
-    digits = rng.integers(0, 256, (40, 28, 28), dtype=np.uint8)
-    (root / "mnist" / "t10k-images-idx3-ubyte.gz").write_bytes(gzip.compress(_idx(digits, 0x08)))
-    (root / "mnist" / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(_idx(np.arange(40, dtype=np.uint8) % 10, 0x08)))
-    return root
-
-
-class TinyCifarNet(nn.Module):
-    """The module names the benchmarks tap on the CIFAR ResNets (layer1-3, avgpool, linear), few channels."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.layer1 = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU())
-        self.layer2 = nn.Sequential(nn.Conv2d(4, 6, 3, stride=2, padding=1), nn.ReLU())
-        self.layer3 = nn.Sequential(nn.Conv2d(6, 8, 3, stride=2, padding=1), nn.ReLU())
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.linear = nn.Linear(8, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(self.avgpool(self.layer3(self.layer2(self.layer1(x)))).flatten(1))
-
-
 @pytest.fixture(scope="module")
 def fake(tmp_path_factory, one_thread):
     """A synthetic data root and a tiny net trained on it, served as every benchmark checkpoint."""
@@ -207,15 +132,7 @@ def fake(tmp_path_factory, one_thread):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("COVGUARD_CACHE", str(tmp_path_factory.mktemp("cache")))
         train = load_set("cifar10_train", root, progress=False)
-        torch.manual_seed(0)
-        model = TinyCifarNet()
-        opt = torch.optim.Adam(model.parameters(), lr=0.02)
-        x, y = train.float(), train.labels
-        for _ in range(150):
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(x), y).backward()
-            opt.step()
-        model.eval()
+        model = train_tiny_net(train.float(), train.labels)  # 100 % accurate on these class colours
         load = lambda root, name, device="cpu", **kw: copy.deepcopy(model).to(device).eval()  # noqa: E731
         mp.setattr(ood_bench, "load_cifar_model", load)
         mp.setattr(adversarial_bench, "load_cifar_model", load)
