@@ -194,6 +194,18 @@ def test_adversarial_uses_the_configurations_chosen_on_ood_validation(fake, ood_
         assert heading in md
 
 
+def test_adversarial_validation_protocol_alone(fake, tmp_path):
+    cfg = AdversarialConfig(protocol="validation", attacks=("fgsm",), eps=32 / 255, n_images=30, **COMMON)
+    with pytest.warns(RuntimeWarning):
+        results = run_adversarial(fake, tmp_path, cfg)
+    model = results["models"]["resnet20"]
+    assert "metrics" not in model and "sweep" not in model and model["n_drawn"] == 30
+    assert set(model["validation"]["metrics"]["fgsm"]) == set(GRIDS) == set(model["validation"]["selection"])
+    md = (tmp_path / "results.md").read_text()
+    assert "## FPR at 95% TPR (lower is better), validation protocol (OpenOOD v1.5)" in md and "fixed-in-advance" not in md
+    assert (tmp_path / "roc_fgsm.png").stat().st_size > 0 and (tmp_path / "hist_fgsm.png").stat().st_size > 0
+
+
 def test_fixed_protocol_report_keeps_its_old_config_and_headings(fake, tmp_path):
     cfg = AdversarialConfig(attacks=("fgsm",), eps=32 / 255, n_images=30, **{**COMMON, "baselines": ("msp",)})
     results = run_adversarial(fake, tmp_path, cfg)

@@ -376,7 +376,7 @@ def selection_markdown(results: dict) -> list[str]:
         "",
         f"ID-val: {split['id_val_images']} CIFAR-10 test images (seeded), removed from the ID test set. OOD-val: the "
         f"{split['ood_val_images']} Tiny ImageNet images of {len(split['ood_val_classes'])} seeded classes, removed from "
-        "the TIN test set. Every method keeps the grid point of highest validation AUROC (ID-val vs OOD-val; ties: first "
+        "the TIN test set; every table of this report is scored without them, whatever its protocol. Every method keeps the grid point of highest validation AUROC (ID-val vs OOD-val; ties: first "
         "in grid order), then that one configuration is scored on every test set: no test set or attack chooses. Grids "
         "(`covguard.bench.validation.GRIDS`): OpenOOD v1.5's sweeps for the baselines (ViM's dim adapted to 64-d features: "
         "16, 32, 48); ours: the variants (covariance form, aggregation, class scoring) times the layers (all fused, or one "
