@@ -15,6 +15,7 @@ __all__ = ["main"]
 
 def _add_bench_common(parser: argparse.ArgumentParser, out: str, *, models: bool = True, batch_size: int = 256) -> None:
     from covguard.bench.common import CHECKPOINT_KINDS, CIFAR_MODELS
+    from covguard.bench.validation import PROTOCOLS
     from covguard.detectors.baselines import BASELINES
 
     parser.add_argument("--data", default=None, help="data root (default: $COVGUARD_DATA or ../shared/data)")
@@ -23,6 +24,8 @@ def _add_bench_common(parser: argparse.ArgumentParser, out: str, *, models: bool
         parser.add_argument("--models", nargs="+", choices=CIFAR_MODELS, default=list(CIFAR_MODELS))
         parser.add_argument("--checkpoints", choices=CHECKPOINT_KINDS, default="original",
                             help="shared weights (original) or those fine-tuned on the JPEG training set (finetuned, checkpoints/)")
+        parser.add_argument("--protocol", choices=PROTOCOLS, default="fixed",
+                            help="hyperparameters fixed in advance, chosen on ID-val vs OOD-val (OpenOOD v1.5), or both reported")
     parser.add_argument("--baselines", nargs="*", choices=sorted(BASELINES), default=list(BASELINES))
     parser.add_argument("--covariance", choices=COVARIANCE_FORMS, default="full")
     parser.add_argument("--n-holdout", type=int, default=5000, help="training images held out to standardize layers")

@@ -58,6 +58,7 @@ def bench_adversarial(args: argparse.Namespace) -> int:
         max_train=args.max_train, covariance=args.covariance, baselines=tuple(args.baselines), seed=args.seed,
         batch_size=args.batch_size, device=args.device, checkpoints=args.checkpoints, progress=not args.no_progress,
         sweep_eps=tuple(e / 255 for e in args.sweep_eps), sweep_attacks=tuple(args.sweep_attacks),
+        protocol=args.protocol,
     )
     tic = time.perf_counter()
     run_adversarial(_data_root(args.data), args.out, config, resume=args.resume)
@@ -73,6 +74,7 @@ def bench_ood(args: argparse.Namespace) -> int:
         models=tuple(args.models), n_holdout=args.n_holdout, max_train=args.max_train, max_eval=args.max_eval,
         n_noise=args.n_noise, covariance=args.covariance, mixture=args.mixture, variants=args.variants, baselines=tuple(args.baselines), seed=args.seed,
         batch_size=args.batch_size, device=args.device, checkpoints=args.checkpoints, progress=not args.no_progress,
+        protocol=args.protocol,
     )
     tic = time.perf_counter()
     run_ood(_data_root(args.data), args.out, config)

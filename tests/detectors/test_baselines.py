@@ -161,6 +161,19 @@ def test_knn_matches_sklearn_nearest_neighbors(tiny_model, images, x_test, k):
     np.testing.assert_allclose(det.score(x_test).double().numpy(), ref, rtol=1e-4, atol=1e-5)
 
 
+def test_knn_with_k_equals_a_fresh_fit_and_shares_the_bank(tiny_model, images, x_test, fitted):
+    x, y = images
+    derived = fitted["knn"].with_k(7)
+    fresh = BASELINES["knn"](tiny_model, k=7).fit(loader(x, y, 64), progress=False)
+    assert derived.k == derived.k_ == 7 and fitted["knn"].k_ == 50  # the source keeps its k
+    assert derived.bank_ is fitted["knn"].bank_
+    torch.testing.assert_close(derived.score(x_test), fresh.score(x_test))
+    with pytest.warns(RuntimeWarning, match="k=1000 exceeds the 240 fit images; using k=240"):
+        assert fitted["knn"].with_k(1000).k_ == 240
+    with pytest.raises(ValueError, match="k must be >= 1"):
+        fitted["knn"].with_k(0)
+
+
 def test_knn_search_does_not_depend_on_chunk_size():
     gen = torch.Generator().manual_seed(0)
     q, bank = torch.randn(9, 5, generator=gen), torch.randn(100, 5, generator=gen)

@@ -12,6 +12,10 @@ Protocol (issue 3, DESIGN.md section 4):
   the normalization.
 - Optional budget sweep (``sweep_eps``): the same clean images attacked again at each L-inf
   budget with ``sweep_attacks``, scored by the same fitted detectors.
+- ``protocol="validation"`` (or ``"both"``, next to the fixed one): each method's configuration is
+  chosen on ID-val (CIFAR-10 test images, then removed from the pool the attacked images are
+  drawn from) vs OOD-val (Tiny ImageNet classes), as in ``bench ood``
+  (:mod:`covguard.bench.validation`); attacks never choose.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -28,21 +32,18 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from covguard.attacks import ATTACKS, success_mask
-from covguard.bench.common import (
-    CIFAR_LAYERS, accuracy, fit_on_train, format_mean_std, load_cifar_model, mean_std, predict, weights_description,
-)
+from covguard.bench.adversarial_report import HEADLINE, render_markdown
+from covguard.bench.common import accuracy, baseline_detectors, fit_on_train, load_cifar_model, predict, split_train
+from covguard.bench.validation import ValidationSplit, check_protocol, choose_and_score, grid_clones, report_config, validation_split
 from covguard.data.registry import load_set
 from covguard.detectors.multi import score_detectors
 from covguard.metrics import evaluate
 from covguard.html_report import add_html_report
-from covguard.report import markdown_table, plot_histograms, plot_roc, write_json
+from covguard.report import plot_histograms, plot_roc, write_json
 
 __all__ = ["AdversarialConfig", "run_adversarial", "render_markdown"]
 
 logger = logging.getLogger(__name__)
-
-#: Detector shown first in tables: fixed before any adversarial data was scored.
-HEADLINE = "class_mahalanobis_top1"
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,9 @@ class AdversarialConfig:
     progress: bool = True
     sweep_eps: tuple[float, ...] = ()  # extra L-inf budgets (pixels in [0, 1]) for the budget sweep
     sweep_attacks: tuple[str, ...] = ("fgsm", "bim", "pgd")  # L-inf attacks run at every sweep budget
+    protocol: str = "fixed"  # "fixed" in advance, "validation" (OpenOOD v1.5: chosen on ID-val vs OOD-val), "both"
+    n_id_val: int = 1000  # validation: CIFAR-10 test images held out as ID-val (seeded)
+    n_ood_val_classes: int = 20  # validation: Tiny ImageNet classes held out as OOD-val (seeded)
 
 
 # Config fields that may differ between a saved report and a resumed run.
@@ -91,7 +95,7 @@ def _craft(attack, x: Tensor, y: Tensor, cfg: AdversarialConfig, desc: str) -> T
     return torch.cat([attack(x[i : i + bs].to(device), y[i : i + bs].to(device)).cpu() for i in starts])
 
 
-def _run_model(name: str, cfg: AdversarialConfig, root: Path, train, test) -> dict:
+def _run_model(name: str, cfg: AdversarialConfig, root: Path, train, test, split: ValidationSplit | None) -> dict:
     """Fit, attack and score one checkpoint; returns its JSON-ready results and raw scores."""
     seconds = {}
     tic = time.perf_counter()
@@ -100,14 +104,17 @@ def _run_model(name: str, cfg: AdversarialConfig, root: Path, train, test) -> di
     test_accuracy = accuracy(model, x_test, y_test)
     logger.info("%s: JPEG test accuracy %.4f", name, test_accuracy)
 
+    clones = grid_clones(baseline_detectors(model, cfg.baselines)) if split is not None else {}
     detectors, sizes = fit_on_train(
         model, train, baselines=cfg.baselines, covariance=cfg.covariance, n_holdout=cfg.n_holdout,
-        max_train=cfg.max_train, seed=cfg.seed, batch_size=cfg.batch_size, progress=cfg.progress,
+        max_train=cfg.max_train, seed=cfg.seed, batch_size=cfg.batch_size, keep_moments=split is not None,
+        also_fit=list(clones.values()), progress=cfg.progress,
     )
     seconds["fit"] = time.perf_counter() - tic
 
     tic = time.perf_counter()
-    pick = torch.randperm(len(x_test), generator=torch.Generator().manual_seed(cfg.seed))[: cfg.n_images]
+    pool = torch.arange(len(x_test)) if split is None else split.id_test_index  # fixed: pool[perm] is perm itself
+    pick = pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(cfg.seed))[: cfg.n_images]]
     x, y = x_test[pick], y_test[pick]
     correct = predict(model, x) == y
     x, y = x[correct], y[correct]
@@ -122,60 +129,84 @@ def _run_model(name: str, cfg: AdversarialConfig, root: Path, train, test) -> di
     success["mix"] = torch.stack([success[a] for a in cfg.attacks])[assign, torch.arange(len(x))]
     seconds["attacks"] = time.perf_counter() - tic
 
+    scorers, clean, blocks, raw = {}, {}, {}, {}
+    if "fixed" in check_protocol(cfg.protocol):
+        tic = time.perf_counter()
+        scorers["fixed"] = lambda images: score_detectors(detectors, images, batch_size=cfg.batch_size)
+        clean["fixed"] = scorers["fixed"](x)
+        blocks["fixed"], raw = _score_attacks(name, scorers["fixed"], clean["fixed"], adversarials, success)
+        seconds["score"] = time.perf_counter() - tic
+    if split is not None:
+        tic = time.perf_counter()
+        _, hold = split_train(train, n_holdout=cfg.n_holdout, max_train=cfg.max_train, seed=cfg.seed, batch_size=cfg.batch_size)
+        selection, scorers["validation"] = choose_and_score(detectors, clones, split, hold, batch_size=cfg.batch_size,
+                                                            progress=cfg.progress)
+        clean["validation"] = scorers["validation"](x)
+        block, raw_chosen = _score_attacks(name, scorers["validation"], clean["validation"], adversarials, success)
+        blocks["validation"] = {"selection": selection, "metrics": block["metrics"]}
+        raw = raw or raw_chosen
+        seconds["validation"] = time.perf_counter() - tic
     tic = time.perf_counter()
-    clean_scores = score_detectors(detectors, x, batch_size=cfg.batch_size)
-    metrics, layer_auroc, raw = {}, {}, {}
-    for attack_name, x_adv in adversarials.items():
-        ok = success[attack_name]
-        if ok.sum() < 2:
-            logger.warning("%s: attack %s succeeded on %d images; skipped", name, attack_name, int(ok.sum()))
-            continue
-        adv_scores = score_detectors(detectors, x_adv[ok], batch_size=cfg.batch_size)
-        metrics[attack_name], layer_auroc[attack_name], raw[attack_name] = {}, {}, {}
-        for det_name in detectors:
-            (c_in, l_in), (c_out, l_out) = clean_scores[det_name], adv_scores[det_name]
-            metrics[attack_name][det_name] = evaluate(c_in[ok], c_out).to_dict()
-            raw[attack_name][det_name] = (c_in[ok], c_out)
-            if l_in:
-                layer_auroc[attack_name][det_name] = {k: evaluate(l_in[k][ok], l_out[k]).auroc for k in l_in}
-                raw[attack_name][f"{det_name}/layers"] = {k: (l_in[k][ok], l_out[k]) for k in l_in}
-    seconds["score"] = time.perf_counter() - tic
-    tic = time.perf_counter()
-    sweep = _sweep(name, model, detectors, x, y, clean_scores, cfg)
-    if sweep:
+    for protocol, sweep in _sweep(name, model, scorers, clean, x, y, cfg).items():
+        blocks[protocol]["sweep"] = sweep
         seconds["sweep"] = time.perf_counter() - tic
+    fixed = blocks.pop("fixed", {})
+    sweep = fixed.pop("sweep", None)
     result = {
         "test_accuracy": test_accuracy,
         "n_clean_correct": int(correct.sum()),
         "n_drawn": len(pick),
         **sizes,
         "attack_success_rate": {a: s.float().mean().item() for a, s in success.items()},
-        "metrics": metrics,
-        "layer_auroc": layer_auroc,
+        **fixed,
         "seconds": seconds,
         **({"sweep": sweep} if sweep else {}),
+        **blocks,
     }
     return {"result": result, "raw": raw}
 
 
-def _sweep(name: str, model: nn.Module, detectors: dict, x: Tensor, y: Tensor, clean_scores: dict, cfg: AdversarialConfig) -> dict:
-    """``{eps/255 label: {attack: {"success_rate", "auroc": {detector: AUROC}}}}`` over ``cfg.sweep_eps``."""
-    sweep: dict = {}
+def _score_attacks(name: str, scorer: Callable, clean_scores: dict, adversarials: dict, success: dict) -> tuple[dict, dict]:
+    """``{"metrics", "layer_auroc"}`` per attack and detector (clean vs successful adversarials), and raw scores."""
+    metrics, layer_auroc, raw = {}, {}, {}
+    for attack_name, x_adv in adversarials.items():
+        ok = success[attack_name]
+        if ok.sum() < 2:
+            logger.warning("%s: attack %s succeeded on %d images; skipped", name, attack_name, int(ok.sum()))
+            continue
+        adv_scores = scorer(x_adv[ok])
+        metrics[attack_name], layer_auroc[attack_name], raw[attack_name] = {}, {}, {}
+        for det_name in clean_scores:
+            (c_in, l_in), (c_out, l_out) = clean_scores[det_name], adv_scores[det_name]
+            metrics[attack_name][det_name] = evaluate(c_in[ok], c_out).to_dict()
+            raw[attack_name][det_name] = (c_in[ok], c_out)
+            if l_in:
+                layer_auroc[attack_name][det_name] = {k: evaluate(l_in[k][ok], l_out[k]).auroc for k in l_in}
+                raw[attack_name][f"{det_name}/layers"] = {k: (l_in[k][ok], l_out[k]) for k in l_in}
+    return {"metrics": metrics, "layer_auroc": layer_auroc}, raw
+
+
+def _sweep(name: str, model: nn.Module, scorers: dict[str, Callable], clean: dict, x: Tensor, y: Tensor, cfg: AdversarialConfig) -> dict:
+    """``{protocol: {eps/255 label: {attack: {"success_rate", "auroc": {detector: AUROC}}}}}`` over ``cfg.sweep_eps``;
+    each budget's adversarials are crafted once and scored under every protocol's ``scorers`` (``clean``: their scores of ``x``)."""
+    if not cfg.sweep_eps:
+        return {}
+    sweeps: dict = {protocol: {} for protocol in scorers}
     for eps in cfg.sweep_eps:
         label = f"{eps * 255:g}"
-        sweep[label] = {}
         for attack_name in cfg.sweep_attacks:
             attack = _attack(attack_name, model, replace(cfg, eps=eps), torch.Generator().manual_seed(cfg.seed))
             x_adv = _craft(attack, x, y, cfg, f"{name} {attack_name} eps {label}/255")
             ok = success_mask(model, x_adv.to(cfg.device), y.to(cfg.device)).cpu()
-            entry = {"success_rate": ok.float().mean().item(), "n_success": int(ok.sum()), "auroc": {}}
-            if ok.sum() >= 2:
-                adv_scores = score_detectors(detectors, x_adv[ok], batch_size=cfg.batch_size)
-                entry["auroc"] = {d: evaluate(clean_scores[d][0][ok], adv_scores[d][0]).auroc for d in detectors}
-            else:
+            if ok.sum() < 2:
                 logger.warning("%s: %s at eps %s/255 succeeded on %d images; not scored", name, attack_name, label, int(ok.sum()))
-            sweep[label][attack_name] = entry
-    return sweep
+            for protocol, scorer in scorers.items():
+                entry = {"success_rate": ok.float().mean().item(), "n_success": int(ok.sum()), "auroc": {}}
+                if ok.sum() >= 2:
+                    adv_scores = scorer(x_adv[ok])
+                    entry["auroc"] = {d: evaluate(clean[protocol][d][0][ok], adv_scores[d][0]).auroc for d in adv_scores}
+                sweeps[protocol].setdefault(label, {})[attack_name] = entry
+    return sweeps
 
 
 def run_adversarial(
@@ -212,14 +243,18 @@ def run_adversarial(
     out.mkdir(parents=True, exist_ok=True)
     train = load_set("cifar10_train", root, progress=config.progress)
     test = load_set("cifar10_test", root, progress=config.progress)
-    results: dict = {"config": asdict(config), "models": {}}
+    split = None
+    if "validation" in check_protocol(config.protocol):
+        tin = load_set("tin", root, progress=config.progress)
+        split = validation_split(test, tin, n_id_val=config.n_id_val, n_ood_val_classes=config.n_ood_val_classes, seed=config.seed)
+    results: dict = {"config": report_config(config), **({"validation_split": split.describe()} if split else {}), "models": {}}
     if resume:
         results["models"] = _resumable_models(out / "results.json", config)
     for name in config.models:
         if name in results["models"]:
             logger.info("%s: kept from %s (resume)", name, out / "results.json")
             continue
-        run = _run_model(name, config, root, train, test)
+        run = _run_model(name, config, root, train, test, split)
         results["models"][name] = run["result"]
         if name == config.models[0]:
             _plots(run["raw"], out, name)
@@ -244,114 +279,15 @@ def _resumable_models(path: Path, config: AdversarialConfig) -> dict:
 
 
 def _plots(raw: dict, out: Path, model_name: str) -> None:
-    """ROC curves of all detectors and the headline detector's best-layer histogram, per attack."""
+    """ROC curves of all detectors and the headline detector's best-layer histogram, per attack
+    (validation protocol alone: the chosen class method's score)."""
     for attack, per_det in raw.items():
         curves = {k: v for k, v in per_det.items() if not k.endswith("/layers")}
         plot_roc(curves, out / f"roc_{attack}.png", title=f"{model_name}: clean vs {attack}")
-        layers = per_det[f"{HEADLINE}/layers"]
+        headline = HEADLINE if HEADLINE in per_det else "class_mahalanobis"
+        layers = per_det.get(f"{headline}/layers") or {"chosen configuration": per_det[headline]}
         best = max(layers, key=lambda k: evaluate(*layers[k]).auroc)
         plot_histograms(
             *layers[best], out / f"hist_{attack}.png", label_in="clean", label_out=attack,
-            title=f"{model_name} {HEADLINE}, best layer: {best}",
+            title=f"{model_name} {headline}, best layer: {best}",
         )
-
-
-def _table(results: dict, key: str, detectors: Sequence[str], attacks: Sequence[str]) -> str:
-    models = list(results["models"].values())
-    rows = []
-    for det in detectors:
-        row = {"detector": det}
-        for attack in attacks:
-            vals = [m["metrics"][attack][det][key] for m in models if attack in m["metrics"]]
-            row[attack] = format_mean_std(vals) if vals else None
-        rows.append(row)
-    return markdown_table(rows, ["detector", *attacks])
-
-
-def render_markdown(results: dict) -> str:
-    """Tables: AUROC and FPR@95 (mean ± std over checkpoints, %), per-layer AUROC, success rates."""
-    models = results["models"]
-    first = next(iter(models.values()))
-    attacks = [a for a in [*results["config"]["attacks"], "mix"] if any(a in m["metrics"] for m in models.values())]
-    cfg = results["config"]
-    # Ours first (headline leading), then the baselines in the configured order (JSON sorts keys).
-    order = [HEADLINE, "class_mahalanobis_mixture", "simple_mahalanobis", "class_penultimate_original", *cfg["baselines"]]
-    found = list(next(iter(first["metrics"].values())))
-    detectors = [d for d in order if d in found] + sorted(set(found) - set(order))
-    lines = [
-        "# Adversarial detection on CIFAR-10 (JPEG copy)",
-        "",
-        f"Checkpoints: {', '.join(models)} ({weights_description(cfg)}); L-inf eps = {cfg['eps'] * 255:.0f}/255, L2 eps = {cfg['eps_l2']}; "
-        f"{cfg['n_images']} test images drawn (seed {cfg['seed']}), the correctly classified ones attacked. "
-        "Values are mean ± std over checkpoints, in %.",
-        "",
-        "## Models",
-        "",
-        markdown_table(
-            [
-                {
-                    "model": name,
-                    "JPEG test accuracy": f"{m['test_accuracy'] * 100:.2f}",
-                    "attacked images": m["n_clean_correct"],
-                    **{f"success {a}": f"{m['attack_success_rate'][a] * 100:.1f}" for a in attacks},
-                }
-                for name, m in models.items()
-            ],
-            ["model", "JPEG test accuracy", "attacked images", *[f"success {a}" for a in attacks]],
-        ),
-        "",
-        "## AUROC (higher is better)",
-        "",
-        _table(results, "auroc", detectors, attacks),
-        "",
-        "## FPR at 95% TPR (lower is better)",
-        "",
-        _table(results, "fpr_at_95tpr", detectors, attacks),
-        "",
-        "## Per-layer AUROC of the patch detectors",
-        "",
-    ]
-    rows = []
-    for det in [d for d in detectors if d in first["layer_auroc"][attacks[0]]]:
-        layers = first["layer_auroc"][attacks[0]][det]
-        for layer in sorted(layers, key=lambda k: (CIFAR_LAYERS.index(k) if k in CIFAR_LAYERS else len(CIFAR_LAYERS), k)):
-            row = {"detector": det, "layer": layer}
-            for attack in attacks:
-                vals = [m["layer_auroc"][attack][det][layer] for m in models.values() if attack in m["layer_auroc"]]
-                row[attack] = format_mean_std(vals)
-            rows.append(row)
-    lines += [markdown_table(rows, ["detector", "layer", *attacks]), ""]
-    mean_auroc = {
-        det: mean_std([m["metrics"][a][det]["auroc"] for m in models.values() for a in attacks if a in m["metrics"]])[0]
-        for det in detectors
-    }
-    best = max(mean_auroc, key=mean_auroc.get)
-    lines += [f"Highest AUROC averaged over attacks and checkpoints: {best} ({mean_auroc[best] * 100:.1f}).", ""]
-    return "\n".join(lines + _sweep_markdown(models, detectors))
-
-
-def _sweep_markdown(models: dict, detectors: Sequence[str]) -> list[str]:
-    """One AUROC table per swept attack: detectors x L-inf budgets (mean ± std over swept checkpoints)."""
-    swept = {name: m["sweep"] for name, m in models.items() if m.get("sweep")}
-    if not swept:
-        return []
-    budgets = sorted({b for s in swept.values() for b in s}, key=float)  # JSON keys are strings: "16" < "2"
-    attacks = list(next(iter(swept.values()))[budgets[0]])
-    lines = [
-        "## AUROC against the L-inf budget",
-        "",
-        f"Checkpoints: {', '.join(swept)}; the same clean images attacked at each budget (eps in /255), "
-        "scored by the same fitted detectors.",
-        "",
-    ]
-    for attack in attacks:
-        entries = {b: [s[b][attack] for s in swept.values() if b in s] for b in budgets}
-        rows = [{"detector": "attack success", **{b: format_mean_std([e["success_rate"] for e in entries[b]]) for b in budgets}}]
-        for det in detectors:
-            row = {"detector": det}
-            for b in budgets:
-                vals = [e["auroc"][det] for e in entries[b] if det in e["auroc"]]
-                row[b] = format_mean_std(vals) if vals else None
-            rows.append(row)
-        lines += [f"### {attack}", "", markdown_table(rows, ["detector", *budgets]), ""]
-    return lines

@@ -23,6 +23,8 @@ __all__ = [
     "CHECKPOINT_KINDS",
     "CIFAR_LAYERS",
     "CIFAR_MODELS",
+    "FORMS",
+    "VARIANTS",
     "accuracy",
     "add_mixture",
     "baseline_detectors",
@@ -46,6 +48,25 @@ CHECKPOINT_KINDS = ("original", "finetuned")
 CHECKPOINT_DIR = Path(__file__).resolve().parents[3] / "checkpoints"
 #: The four stages tapped on the CIFAR ResNets; ``avgpool`` is the pooled penultimate feature.
 CIFAR_LAYERS = ("layer1", "layer2", "layer3", "avgpool")
+#: Covariance forms of the variant sweep: name -> changes passed to ``refit``.
+FORMS = {
+    "full": {},
+    "full-oas": {"shrinkage": "oas"},
+    "diag": {"covariance": "diag"},
+    "lowrank-16": {"covariance": "lowrank", "rank": 16},
+    "lowrank-64": {"covariance": "lowrank", "rank": 64},
+}
+#: Variants of our patch detectors (``bench ood --variants``; the grid of the validation protocol):
+#: name (detector/covariance form/aggregation) -> (fitted detector it derives from, changes passed
+#: to ``refit``). ``*/full/mean`` are the main detectors themselves.
+VARIANTS: dict[str, tuple[str, dict]] = {
+    **{f"{kind}/{form}/mean": (det, changes)
+       for kind, det in (("simple", "simple_mahalanobis"), ("class-top1", "class_mahalanobis_top1"))
+       for form, changes in FORMS.items()},
+    "simple/full/max": ("simple_mahalanobis", {"aggregate": "max"}),
+    "class-top1/full/max": ("class_mahalanobis_top1", {"aggregate": "max"}),
+    "class-mixture/full/mean": ("class_mahalanobis_top1", {"scoring": "mixture"}),
+}
 
 
 def checkpoint_path(root: Path, name: str) -> Path:
@@ -195,13 +216,15 @@ def fit_on_train(
     batch_size: int = 256,
     mixture: bool = True,
     keep_moments: bool = False,
+    also_fit: Sequence[Detector] = (),
     progress: bool = True,
 ) -> tuple[dict[str, Detector], dict[str, int]]:
     """Our patch detectors and the baselines, fitted together on the training set.
 
     ``n_holdout`` training images (seeded permutation, :func:`split_train`) are held out from
     the fit and only standardize the layer scores; the rest (at most ``max_train``) fit every
-    detector.
+    detector. ``also_fit``: more detectors of the same model fitted in the same passes over the
+    data (the grid points of the validation protocol); they are fitted in place, not returned.
 
     Returns
     -------
@@ -215,7 +238,7 @@ def fit_on_train(
         **patch_detectors(model, CIFAR_LAYERS, covariance=covariance, keep_moments=keep_moments),
         **baseline_detectors(model, baselines),
     }
-    fit_detectors(list(detectors.values()), fit_loader, holdout=hold_loader, progress=progress)
+    fit_detectors([*detectors.values(), *also_fit], fit_loader, holdout=hold_loader, progress=progress)
     if mixture:
         add_mixture(detectors, hold_loader, progress=progress)
     return detectors, {"n_fit": len(fit_loader.images), "n_holdout": len(hold_loader.images)}

@@ -7,8 +7,10 @@
 - Far-OOD: MNIST, as is (lossless) and JPEG-matched (PIL quality 75, 4:2:0, like the CIFAR copy).
   Missing from OpenOOD's far set here: SVHN, Textures, Places365.
 - Synthetic (reported apart, never in the means): uniform and Gaussian noise.
-- Hyperparameters are fixed in :class:`OODConfig` before any OOD data is seen (no OOD
-  validation). The variant sweep (covariance form, shrinkage, rank, aggregation, class
+- Hyperparameters are fixed in :class:`OODConfig` before any OOD data is seen (the default
+  ``protocol="fixed"``); ``protocol="validation"`` (or ``"both"``) adds OpenOOD v1.5's
+  validation protocol, each method's configuration chosen on ID-val vs OOD-val
+  (:mod:`covguard.bench.validation`). The variant sweep (covariance form, shrinkage, rank, aggregation, class
   scoring) derives every form from the same fitted moments; its ID-only selection rule: per
   detector (Simple, Class top-1), the covariance form with the highest mean Gaussian
   log-likelihood of held-out in-distribution patches (per dimension, averaged over layers),
@@ -21,15 +23,20 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from covguard.bench.common import (
-    accuracy, fit_on_train, format_mean_std, load_cifar_model, mean_std, split_train, weights_description,
+    FORMS, VARIANTS, accuracy, baseline_detectors, fit_on_train, format_mean_std, load_cifar_model, mean_std, split_train,
+    weights_description,
+)
+from covguard.bench.validation import (
+    check_protocol, choose_and_score, grid_clones, protocols_of, report_config, selection_markdown, table_suffix,
+    validation_split,
 )
 from covguard.data.images import jpeg_matched
 from covguard.data.registry import load_set
@@ -49,22 +56,6 @@ FAR = ("mnist", "mnist_jpeg")
 SYNTHETIC = ("uniform_noise", "gaussian_noise")
 #: Detector shown first in tables: fixed before any OOD data was scored.
 HEADLINE = "class_mahalanobis_top1"
-#: Variant sweep: name -> (fitted detector it derives from, changes passed to ``refit``).
-#: ``*/full/mean`` are the main detectors themselves.
-FORMS = {
-    "full": {},
-    "full-oas": {"shrinkage": "oas"},
-    "diag": {"covariance": "diag"},
-    "lowrank-16": {"covariance": "lowrank", "rank": 16},
-    "lowrank-64": {"covariance": "lowrank", "rank": 64},
-}
-VARIANTS: dict[str, tuple[str, dict]] = {
-    **{f"{kind}/{form}/mean": (det, changes) for kind, det in (("simple", "simple_mahalanobis"), ("class-top1", HEADLINE))
-       for form, changes in FORMS.items()},
-    "simple/full/max": ("simple_mahalanobis", {"aggregate": "max"}),
-    "class-top1/full/max": (HEADLINE, {"aggregate": "max"}),
-    "class-mixture/full/mean": (HEADLINE, {"scoring": "mixture"}),
-}
 
 
 @dataclass(frozen=True)
@@ -86,10 +77,14 @@ class OODConfig:
     device: str = "cpu"
     checkpoints: str = "original"  # "original" shared weights, or "finetuned" on the JPEG training set
     progress: bool = True
+    protocol: str = "fixed"  # "fixed" in advance, "validation" (OpenOOD v1.5: chosen on ID-val vs OOD-val), "both"
+    n_id_val: int = 1000  # validation: CIFAR-10 test images held out as ID-val (seeded)
+    n_ood_val_classes: int = 20  # validation: Tiny ImageNet classes held out as OOD-val (seeded)
 
 
 def _eval_sets(root: Path, cfg: OODConfig) -> dict:
-    """ID test set and OOD sets as uint8 images (N, 3, 32, 32), seeded subsets of ``max_eval`` each."""
+    """ID test set and OOD sets as uint8 images (N, 3, 32, 32), seeded subsets of ``max_eval`` each,
+    and the validation split (None under the fixed protocol alone), removed from the test sets."""
 
     def seeded_pick(images):  # a seeded subset, since loaders return class-sorted order
         if cfg.max_eval is None or len(images) <= cfg.max_eval:
@@ -97,19 +92,24 @@ def _eval_sets(root: Path, cfg: OODConfig) -> dict:
         return images[torch.randperm(len(images), generator=torch.Generator().manual_seed(cfg.seed))[: cfg.max_eval]]
 
     test = load_set("cifar10_test", root, progress=cfg.progress)
-    pick = torch.randperm(len(test), generator=torch.Generator().manual_seed(cfg.seed))
+    tin = load_set("tin", root, progress=cfg.progress)
+    split = None
+    if "validation" in check_protocol(cfg.protocol):
+        split = validation_split(test, tin, n_id_val=cfg.n_id_val, n_ood_val_classes=cfg.n_ood_val_classes, seed=cfg.seed)
+    pool = torch.arange(len(test)) if split is None else split.id_test_index  # fixed: pool[perm] is perm itself
+    pick = pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(cfg.seed))]
     pick = pick if cfg.max_eval is None else pick[: cfg.max_eval]
     mnist = seeded_pick(load_set("mnist", root, progress=cfg.progress).images)
     n_noise = cfg.n_noise if cfg.max_eval is None else min(cfg.n_noise, cfg.max_eval)
     ood = {
         "cifar100": seeded_pick(load_set("cifar100", root, progress=cfg.progress).images),
-        "tin": seeded_pick(load_set("tin", root, progress=cfg.progress).images),
+        "tin": seeded_pick(tin.images if split is None else tin.images[split.ood_test_index]),
         "mnist": mnist,
         "mnist_jpeg": jpeg_matched(mnist),
         "uniform_noise": (uniform_noise(n_noise, size=32, channels=3, seed=cfg.seed) * 255).round().to(torch.uint8),
         "gaussian_noise": (gaussian_noise(n_noise, size=32, channels=3, seed=cfg.seed) * 255).round().to(torch.uint8),
     }
-    return {"id": (test.images[pick], test.labels[pick]), "ood": ood}
+    return {"id": (test.images[pick], test.labels[pick]), "ood": ood, "split": split}
 
 
 def _run_model(name: str, cfg: OODConfig, root: Path, train, sets: dict) -> dict:
@@ -118,19 +118,45 @@ def _run_model(name: str, cfg: OODConfig, root: Path, train, sets: dict) -> dict
     model = load_cifar_model(root, name, cfg.device, checkpoints=cfg.checkpoints)
     x_id, y_id = sets["id"][0].float() / 255, sets["id"][1]
     id_accuracy = accuracy(model, x_id, y_id)
+    split, protocols = sets["split"], check_protocol(cfg.protocol)
+    clones = grid_clones(baseline_detectors(model, cfg.baselines)) if split is not None else {}
     detectors, sizes = fit_on_train(
         model, train, baselines=cfg.baselines, covariance=cfg.covariance, n_holdout=cfg.n_holdout,
         max_train=cfg.max_train, seed=cfg.seed, batch_size=cfg.batch_size, mixture=cfg.mixture,
-        keep_moments=cfg.variants, progress=cfg.progress,
+        keep_moments=cfg.variants or split is not None, also_fit=list(clones.values()), progress=cfg.progress,
     )
     seconds["fit"] = time.perf_counter() - tic
-    tic = time.perf_counter()
-    id_scores = score_detectors(detectors, x_id, batch_size=cfg.batch_size, progress=cfg.progress)
+    result, raw = {"id_accuracy": id_accuracy, **sizes}, {}
+    if "fixed" in protocols:
+        tic = time.perf_counter()
+        scorer = lambda x: score_detectors(detectors, x, batch_size=cfg.batch_size, progress=cfg.progress)  # noqa: E731
+        id_scores = scorer(x_id)
+        metrics, layer_auroc, raw = _evaluate_sets(scorer, id_scores, sets["ood"])
+        seconds["score"] = time.perf_counter() - tic
+        result.update(metrics=metrics, layer_auroc=layer_auroc)
+    result["seconds"] = seconds
+    if cfg.variants:
+        tic = time.perf_counter()
+        result["variants"] = _variant_sweep(detectors, train, sets, x_id, id_scores, metrics, cfg)
+        seconds["variants"] = time.perf_counter() - tic
+    if split is not None:
+        tic = time.perf_counter()
+        _, hold = split_train(train, n_holdout=cfg.n_holdout, max_train=cfg.max_train, seed=cfg.seed, batch_size=cfg.batch_size)
+        selection, scorer = choose_and_score(detectors, clones, split, hold, batch_size=cfg.batch_size, progress=cfg.progress)
+        metrics, _, raw_chosen = _evaluate_sets(scorer, scorer(x_id), sets["ood"])
+        result["validation"] = {"selection": selection, "metrics": metrics}
+        raw = raw or raw_chosen
+        seconds["validation"] = time.perf_counter() - tic
+    return {"result": result, "raw": raw}
+
+
+def _evaluate_sets(scorer: Callable, id_scores: dict, ood_sets: dict) -> tuple[dict, dict, dict]:
+    """Metrics, per-layer AUROC and raw score pairs per OOD set and detector, from ``scorer(images)``."""
     metrics, layer_auroc, raw = {}, {}, {}
-    for set_name, images in sets["ood"].items():
-        ood_scores = score_detectors(detectors, images.float() / 255, batch_size=cfg.batch_size, progress=cfg.progress)
+    for set_name, images in ood_sets.items():
+        ood_scores = scorer(images.float() / 255)
         metrics[set_name], layer_auroc[set_name], raw[set_name] = {}, {}, {}
-        for det_name in detectors:
+        for det_name in id_scores:
             (s_in, l_in), (s_out, l_out) = id_scores[det_name], ood_scores[det_name]
             m = evaluate(s_in, s_out).to_dict()
             m["fpr_at_95tpr_ood_positive"] = fpr_at_95tpr_ood_positive(s_in, s_out)
@@ -138,13 +164,7 @@ def _run_model(name: str, cfg: OODConfig, root: Path, train, sets: dict) -> dict
             raw[set_name][det_name] = (s_in, s_out)
             if l_in:
                 layer_auroc[set_name][det_name] = {k: evaluate(l_in[k], l_out[k]).auroc for k in l_in}
-    seconds["score"] = time.perf_counter() - tic
-    result = {"id_accuracy": id_accuracy, **sizes, "metrics": metrics, "layer_auroc": layer_auroc, "seconds": seconds}
-    if cfg.variants:
-        tic = time.perf_counter()
-        result["variants"] = _variant_sweep(detectors, train, sets, x_id, id_scores, metrics, cfg)
-        seconds["variants"] = time.perf_counter() - tic
-    return {"result": result, "raw": raw}
+    return metrics, layer_auroc, raw
 
 
 def _variant_sweep(detectors: dict, train, sets: dict, x_id: Tensor, id_scores: dict, metrics: dict, cfg: OODConfig) -> dict:
@@ -196,22 +216,27 @@ def run_ood(root: str | Path, out: str | Path, config: OODConfig = OODConfig()) 
         What ``results.json`` holds.
     """
     root, out = Path(root), Path(out)
+    protocols = check_protocol(config.protocol)
+    if config.variants and "fixed" not in protocols:
+        raise ValueError("variants reports the fixed protocol's sweep: use protocol 'fixed' or 'both' with it")
     out.mkdir(parents=True, exist_ok=True)
     train = load_set("cifar10_train", root, progress=config.progress)
     sets = _eval_sets(root, config)
     results = {
-        "config": asdict(config),
+        "config": report_config(config),
         "n_images": {"cifar10_test": len(sets["id"][0]), **{k: len(v) for k, v in sets["ood"].items()}},
+        **({"validation_split": sets["split"].describe()} if sets["split"] is not None else {}),
         "models": {},
     }
+    headline = HEADLINE if "fixed" in protocols else "class_mahalanobis"  # the validation protocol's class method
     for name in config.models:
         run = _run_model(name, config, root, train, sets)
         results["models"][name] = run["result"]
         if name == config.models[0]:
             for set_name, curves in run["raw"].items():
                 plot_roc(curves, out / f"roc_{set_name}.png", title=f"{name}: CIFAR-10 vs {set_name}")
-                plot_histograms(*curves[HEADLINE], out / f"hist_{set_name}.png", label_in="CIFAR-10 test",
-                                label_out=set_name, title=f"{name} {HEADLINE}")
+                plot_histograms(*curves[headline], out / f"hist_{set_name}.png", label_in="CIFAR-10 test",
+                                label_out=set_name, title=f"{name} {headline}")
         # Written after every checkpoint, so a long run leaves a usable report at any point.
         write_json(results, out / "results.json")
         (out / "results.md").write_text(render_markdown(results))
@@ -224,12 +249,13 @@ def _group_mean(metrics: dict, det: str, sets: Sequence[str], key: str) -> float
 
 
 def render_markdown(results: dict) -> str:
-    """Tables: AUROC per set with near/far means, FPR@95, per-layer AUROC; mean ± std over checkpoints, %."""
+    """Tables: AUROC per set with near/far means, FPR@95, per-layer AUROC; mean ± std over checkpoints, %.
+
+    Per protocol run (fixed, validation); a fixed-only report keeps its headings unchanged.
+    """
     models = results["models"]
     first = next(iter(models.values()))
-    detectors = list(next(iter(first["metrics"].values())))
-    detectors = [HEADLINE, *[d for d in detectors if d != HEADLINE]]
-    sets = [*NEAR, *FAR, *SYNTHETIC]
+    protocols = protocols_of(results["config"])
     lines = [
         "# OOD detection on CIFAR-10 (JPEG copy), OpenOOD v1.5 protocol on the sets available here",
         "",
@@ -244,6 +270,33 @@ def render_markdown(results: dict) -> str:
         ),
         "",
     ]
+    if "fixed" in protocols:
+        detectors = list(next(iter(first["metrics"].values())))
+        detectors = [HEADLINE, *[d for d in detectors if d != HEADLINE]]
+        suffix = table_suffix(protocols, "fixed")
+        lines += _metric_tables(models, detectors, lambda m: m["metrics"], suffix)
+        sets = [*NEAR, *FAR, *SYNTHETIC]
+        rows = []
+        for det, per_layer in first["layer_auroc"][sets[0]].items():
+            for layer in per_layer:
+                row = {"detector": det, "layer": layer}
+                for s in sets:
+                    row[s] = format_mean_std([m["layer_auroc"][s][det][layer] for m in models.values()])
+                rows.append(row)
+        lines += [f"## Per-layer AUROC of the patch detectors{suffix}", "", markdown_table(rows, ["detector", "layer", *sets]), ""]
+        lines += _best_line(models, detectors, lambda m: m["metrics"])
+    if "validation" in protocols:
+        lines += selection_markdown(results)
+        detectors = list(first["validation"]["selection"])
+        lines += _metric_tables(models, detectors, lambda m: m["validation"]["metrics"], table_suffix(protocols, "validation"))
+        lines += _best_line(models, detectors, lambda m: m["validation"]["metrics"])
+    return "\n".join(lines + _variants_markdown(models))
+
+
+def _metric_tables(models: dict, detectors: Sequence[str], get: Callable[[dict], dict], suffix: str) -> list[str]:
+    """AUROC and both FPR@95 tables: per set, near and far means (``get(model result)`` -> metrics)."""
+    sets = [*NEAR, *FAR, *SYNTHETIC]
+    lines = []
     for title, key in (
         ("AUROC (higher is better)", "auroc"),
         ("FPR at 95% TPR, in-distribution positive (lower is better)", "fpr_at_95tpr"),
@@ -253,28 +306,23 @@ def render_markdown(results: dict) -> str:
         for det in detectors:
             row = {"method": det}
             for s in sets:
-                row[s] = format_mean_std([m["metrics"][s][det][key] for m in models.values()])
-            row["near"] = format_mean_std([_group_mean(m["metrics"], det, NEAR, key) for m in models.values()])
-            row["far"] = format_mean_std([_group_mean(m["metrics"], det, FAR, key) for m in models.values()])
+                row[s] = format_mean_std([get(m)[s][det][key] for m in models.values()])
+            row["near"] = format_mean_std([_group_mean(get(m), det, NEAR, key) for m in models.values()])
+            row["far"] = format_mean_std([_group_mean(get(m), det, FAR, key) for m in models.values()])
             rows.append(row)
-        lines += [f"## {title}", "", markdown_table(rows, ["method", *NEAR, "near", *FAR, "far", *SYNTHETIC]), ""]
-    rows = []
-    for det, per_layer in first["layer_auroc"][sets[0]].items():
-        for layer in per_layer:
-            row = {"detector": det, "layer": layer}
-            for s in sets:
-                row[s] = format_mean_std([m["layer_auroc"][s][det][layer] for m in models.values()])
-            rows.append(row)
-    lines += ["## Per-layer AUROC of the patch detectors", "", markdown_table(rows, ["detector", "layer", *sets]), ""]
-    near = {d: mean_std([_group_mean(m["metrics"], d, NEAR, "auroc") for m in models.values()])[0] for d in detectors}
-    far = {d: mean_std([_group_mean(m["metrics"], d, FAR, "auroc") for m in models.values()])[0] for d in detectors}
+        lines += [f"## {title}{suffix}", "", markdown_table(rows, ["method", *NEAR, "near", *FAR, "far", *SYNTHETIC]), ""]
+    return lines
+
+
+def _best_line(models: dict, detectors: Sequence[str], get: Callable[[dict], dict]) -> list[str]:
+    near = {d: mean_std([_group_mean(get(m), d, NEAR, "auroc") for m in models.values()])[0] for d in detectors}
+    far = {d: mean_std([_group_mean(get(m), d, FAR, "auroc") for m in models.values()])[0] for d in detectors}
     best_near, best_far = max(near, key=near.get), max(far, key=far.get)
-    lines += [
+    return [
         f"Best near-OOD mean AUROC: {best_near} ({near[best_near] * 100:.1f}); "
         f"best far-OOD mean AUROC: {best_far} ({far[best_far] * 100:.1f}).",
         "",
     ]
-    return "\n".join(lines + _variants_markdown(models))
 
 
 def _variants_markdown(models: dict) -> list[str]:

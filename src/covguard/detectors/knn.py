@@ -100,9 +100,34 @@ class KNN(Detector):
     def _fit_end(self) -> None:
         self.bank_ = torch.cat(self._chunks)  # (M, C)
         self._chunks = []
-        self.k_ = min(self.k, self.bank_.shape[0])
-        if self.k_ < self.k:
-            warnings.warn(f"k={self.k} exceeds the {self.bank_.shape[0]} fit images; using k={self.k_}", RuntimeWarning, stacklevel=4)
+        self.k_ = self._clipped_k(stacklevel=5)
+
+    def _clipped_k(self, *, stacklevel: int) -> int:
+        """``k`` clipped to the bank size, with a warning when it was larger."""
+        k = min(self.k, self.bank_.shape[0])
+        if k < self.k:
+            warnings.warn(f"k={self.k} exceeds the {self.bank_.shape[0]} fit images; using k={k}", RuntimeWarning, stacklevel=stacklevel)
+        return k
+
+    def with_k(self, k: int) -> KNN:
+        """A fitted copy that scores with the ``k``-th neighbour, sharing this detector's bank (no refit).
+
+        Parameters
+        ----------
+        k : int
+            Neighbour rank, >= 1; clipped to the number of fit images, with a warning.
+
+        Returns
+        -------
+        KNN
+            Equal to a ``KNN(k=k)`` fitted on the same data; the bank tensor is shared, not copied.
+        """
+        check_is_fitted(self)
+        other = self.clone(k=k)
+        other.channels_, other.bank_, other.input_shape_ = self.channels_, self.bank_, self.input_shape_
+        other.k_ = other._clipped_k(stacklevel=3)
+        other.fitted_ = True
+        return other
 
     def score_features(self, logits: Tensor, feats: dict[str, Tensor]) -> Tensor:
         """Distance (N,) to the ``k``-th nearest normalized fit feature."""
