@@ -224,23 +224,25 @@ def _check_patch_tensors(tensors: Mapping[str, Tensor], layers: list[str], dims:
 def _check_fused(params: dict[str, Any], tensors: Mapping[str, Tensor], channels: Mapping[str, int]) -> list[str]:
     if sorted(params) != ["members", "rule", "tail_size"]:
         raise ValueError(f"hyperparameters of a fused detector must hold exactly members, rule, tail_size; got {sorted(params)}")
-    if params["rule"] not in pvalues.RULES:
+    if not isinstance(params["rule"], str) or params["rule"] not in pvalues.RULES:
         raise ValueError(f"hyperparameters rule must be one of {sorted(pvalues.RULES)}; got {params['rule']!r}")
     positive_int(params["tail_size"], "hyperparameters tail_size", 2**31)
     members = params["members"]
     if not isinstance(members, list) or not members:
         raise ValueError(f"hyperparameters members must be a non-empty list; got {members!r}")
-    layers: dict[str, None] = {}
-    claimed: set[str] = set()
+    names: list[str] = []
     for entry in members:
         if not isinstance(entry, dict) or sorted(entry) != sorted(_MEMBER_KEYS):
             raise ValueError(f"each member must hold exactly {list(_MEMBER_KEYS)}; got {entry!r}"[:300])
         member, kind, hyper = (entry[key] for key in _MEMBER_KEYS)
-        if not isinstance(member, str) or not member or "/" in member or len(member) > _MAX_NAME or member in claimed:
+        if not isinstance(member, str) or not member or "/" in member or len(member) > _MAX_NAME or member in names:
             raise ValueError(f"member names must be distinct non-empty strings without '/', at most {_MAX_NAME} long; got {member!r}")
-        claimed.add(member)
-        if kind not in DETECTORS or kind == "fused" or not isinstance(hyper, dict):
-            raise ValueError(f"member {member!r} must name a detector of {sorted(set(DETECTORS) - {'fused'})} with a hyperparameters object; got {kind!r}")
+        names.append(member)
+        if not isinstance(kind, str) or kind not in DETECTORS or kind == "fused" or not isinstance(hyper, dict):
+            raise ValueError(f"member {member!r} must name a detector of {sorted(set(DETECTORS) - {'fused'})} with a hyperparameters object; got {kind!r}"[:300])
+    layers: dict[str, None] = {}
+    claimed: set[str] = set()
+    for member, kind, hyper in ((entry[key] for key in _MEMBER_KEYS) for entry in members):
         prefix = f"members/{member}/"
         own = {key[len(prefix) :]: t for key, t in tensors.items() if key.startswith(prefix)}
         try:
