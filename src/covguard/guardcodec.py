@@ -277,7 +277,7 @@ def module_names(name: str, params: dict[str, Any]) -> dict[str, str]:
     (``"tapped layer"`` or ``"fc_layer"``)."""
     if name == "fused":
         return {key: role for m in params["members"] for key, role in module_names(m["detector"], m["hyperparameters"]).items()}
-    out = dict.fromkeys(params.get("layers", []), "tapped layer")
+    out = dict.fromkeys(params["layers"] if issubclass(DETECTORS[name], PatchMahalanobis) else [], "tapped layer")
     if isinstance(params.get("feature_layer"), str):
         out[params["feature_layer"]] = "tapped layer"
     if isinstance(params.get("fc_layer"), str):

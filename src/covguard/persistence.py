@@ -132,7 +132,7 @@ def read_metadata(path: str | Path, *, max_bytes: int = MAX_FILE_BYTES) -> dict[
 
 def load(
     path: str | Path, model: nn.Module, *, strict_model: bool = True, max_bytes: int = MAX_FILE_BYTES
-) -> PatchMahalanobis:
+) -> Detector:
     """Load a detector saved by :func:`save` and attach it to ``model``.
 
     Parameters
@@ -149,6 +149,12 @@ def load(
     max_bytes : int
         Largest file accepted (default :data:`MAX_FILE_BYTES`, 4 GiB).
 
+    Returns
+    -------
+    Detector
+        Of the class the file names, fitted; a fused detector with every member rebuilt and its
+        calibration set.
+
     Raises
     ------
     TypeError
@@ -160,8 +166,8 @@ def load(
         or newer than this covguard, or whose content breaks the schema (see
         :mod:`covguard.guardfile`). A subclass of ValueError.
     ValueError
-        A model whose tapped layers or channel counts differ (``model does not match ...``),
-        or whose parameters differ (``model parameters differ ...``).
+        A model whose tapped layers, ``fc_layer``, channel counts or classes differ
+        (``model does not match ...``), or whose parameters differ (``model parameters differ ...``).
     """
     check_model(model)
     return attach(read_guard_file(path, max_bytes=max_bytes), model, strict_model=strict_model, where=f"path {str(path)!r}")
