@@ -178,8 +178,8 @@ class ViM(TensorStateDetector):
         self.alpha_ = float(self._max_logit_sum / self._fit_count / mean_norm)
 
     def _state(self) -> dict[str, Tensor]:
-        names = ("weight", "bias", "origin", "residual_basis")
-        return {**{name: getattr(self, f"{name}_") for name in names}, "alpha": torch.tensor(self.alpha_, dtype=torch.float64)}
+        alpha = torch.tensor(self.alpha_, dtype=torch.float64)  # () from a Python float, exactly
+        return {"weight": self.weight_, "bias": self.bias_, "origin": self.origin_, "residual_basis": self.residual_basis_, "alpha": alpha}
 
     def _install_state(self, tensors: dict[str, Tensor], dims: dict[str, int]) -> None:
         self.weight_, self.bias_, self.origin_ = tensors["weight"], tensors["bias"], tensors["origin"]
