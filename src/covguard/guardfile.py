@@ -11,10 +11,14 @@
    well-formed tensor entries (known dtype, shape, contiguous offsets that match the sizes).
 3. **checksum**: SHA-256 of the canonical header and the tensor bytes. A file whose checksum
    does not match is refused as corrupted (or as newer, if it says so); format 1 files, which
-   have no checksum, are refused.
-4. **schema**: the metadata keys, the JSON they hold (layers, channels, kernel sizes, input
-   shape, model fingerprint), and every tensor: expected names only, float64, shapes that
-   agree with the channels and kernel sizes, finite values, positive weights and deviations.
+   have no checksum, are refused. Formats 2 (patch detectors) and 3 (also baselines and fused
+   detectors) are read.
+4. **schema**: the metadata keys, the JSON they hold (detector, hyperparameters, input shape,
+   model fingerprint with its layers and channels), and every tensor, by the detector's kind
+   (:func:`covguard.guardcodec.check_content`): expected names only, dtypes, shapes that agree
+   with each other and with the channels (and kernel sizes), finite values, positive weights and
+   deviations; for a fused detector, each member's tensors and calibration scores, the error
+   naming the member.
 
 What needs the model (tapped layers, channel counts, weights) is checked by
 :func:`covguard.persistence.load`.
@@ -36,19 +40,20 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from covguard.detectors import DETECTORS
 from covguard.files import format_bytes
+from covguard.guardcodec import FORMAT_VERSION, check_content, dumps, format_version, positive_int
 
 __all__ = ["FORMAT_VERSION", "GuardFile", "GuardFileError", "MAX_FILE_BYTES", "read_guard_file"]
 
-#: Version 2 added the model fingerprint, the checksum and the calibration. Version 1 files
-#: (no fingerprint, no checksum) are refused.
-FORMAT_VERSION = 2
+# FORMAT_VERSION (3): version 2 added the model fingerprint, the checksum and the calibration;
+# version 3 the baselines and the fused detector. Version 1 files (no fingerprint, no checksum)
+# are refused.
 MAX_FILE_BYTES = 4 * 1024**3  # default size limit of a file; pass max_bytes= for larger detectors
 MAX_HEADER_BYTES = 1024**2  # a real header is a few KiB
 MAX_JSON_DEPTH = 8  # a real header nests 3 deep, its metadata values 2
 MAX_INPUT_PIXELS = 2048 * 2048  # H * W of the fitted input (the model check runs one forward on it)
 MAX_CHANNELS = 4096
-FIELDS = ("mean", "proj", "gain", "diag")
 _REQUIRED = frozenset({"format_version", "covguard_version", "detector", "hyperparameters", "model", "input_shape", "checksum"})
 _OPTIONAL = frozenset({"covariance", "aggregation", "calibration"})
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -71,17 +76,17 @@ class GuardFile:
     meta : dict of str -> str
         The raw string metadata.
     tensors : dict of str -> Tensor
-        ``forms/<layer>/<field>`` and ``standardize/mean|std``, float64.
+        Named by the detector's kind (:mod:`covguard.guardcodec`).
     detector : str
         Registry name in :data:`covguard.DETECTORS`.
     params : dict
         Constructor keyword arguments (``hyperparameters``).
     channels : dict of str -> int
-        Channel count of each tapped layer at fit time.
+        Channel count of each tapped layer at fit time (empty for a detector of the logits).
     parameters_sha256 : str
         SHA-256 of the fitted model's state dict.
-    input_shape : (int, int, int)
-        (C, H, W) seen at fit time.
+    input_shape : (int, int, int) or None
+        (C, H, W) seen at fit time; None only for a detector that taps no layer and recorded none.
     calibration : dict or None
         The guard calibration (validated by :func:`covguard.load_guard`).
     """
@@ -92,7 +97,7 @@ class GuardFile:
     params: dict[str, Any]
     channels: dict[str, int]
     parameters_sha256: str
-    input_shape: tuple[int, int, int]
+    input_shape: tuple[int, int, int] | None
     calibration: dict[str, Any] | None
 
 
@@ -117,8 +122,8 @@ def read_guard_file(path: str | Path, *, max_bytes: int = MAX_FILE_BYTES) -> Gua
     meta = header.pop("__metadata__", None)
     if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
         raise GuardFileError(f"{where} is not a covguard detector file (no string metadata in its header)")
-    _verify(where, meta, header, data)
-    return _schema(where, meta, _tensors(header, data))
+    version = _verify(where, meta, header, data)
+    return _schema(where, meta, _tensors(header, data), version)
 
 
 def json_depth(text: bytes) -> int:
@@ -143,11 +148,6 @@ def loads(text: str | bytes, what: str) -> Any:
         return json.loads(raw, parse_constant=refuse)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
         raise ValueError(f"{what} is not valid JSON ({err})") from err
-
-
-def dumps(value: Any) -> str:
-    """Canonical JSON: sorted keys, no spaces."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
 
 def checksum(header: dict, data: bytes | bytearray | memoryview) -> str:
@@ -232,7 +232,7 @@ def _tensors(header: dict, data: bytearray) -> dict[str, Tensor]:
 # ---- 3. checksum and version -----------------------------------------------------------------------
 
 
-def _verify(where: str, meta: dict[str, str], header: dict, data: bytearray) -> None:
+def _verify(where: str, meta: dict[str, str], header: dict, data: bytearray) -> int:
     text = meta.get("format_version", "")
     version = int(text) if re.fullmatch(r"[0-9]{1,6}", text) else None
     stored = meta.get("checksum")
@@ -254,26 +254,22 @@ def _verify(where: str, meta: dict[str, str], header: dict, data: bytearray) -> 
         raise GuardFileError(f"{where} has a malformed format_version {text!r}")
     if version > FORMAT_VERSION:
         raise GuardFileError(f"{where} has format version {version}, newer than this covguard reads ({FORMAT_VERSION}); upgrade covguard")
+    return version
 
 
 # ---- 4. schema -------------------------------------------------------------------------------------
 
 
-def _positive_int(value: Any, what: str, high: int) -> int:
-    if type(value) is not int or not 1 <= value <= high:
-        raise ValueError(f"{what} must be an integer in [1, {high}]; got {value!r}")
-    return value
-
-
-def _schema(where: str, meta: dict[str, str], tensors: dict[str, Tensor]) -> GuardFile:
-    from covguard.detectors import DETECTORS
-
+def _schema(where: str, meta: dict[str, str], tensors: dict[str, Tensor], version: int) -> GuardFile:
     try:
         missing, unknown = sorted(_REQUIRED - set(meta)), sorted(set(meta) - _REQUIRED - _OPTIONAL)
         if missing or unknown:
             raise ValueError(f"metadata keys missing {missing}, unknown {unknown}")
-        if meta["detector"] not in DETECTORS:
-            raise ValueError(f"detector {meta['detector']!r} is not one of {sorted(DETECTORS)}")
+        name = meta["detector"]
+        if name not in DETECTORS:
+            raise ValueError(f"detector {name!r} is not one of {sorted(DETECTORS)}")
+        if version < format_version(name):
+            raise ValueError(f"detector {name!r} is written in format version {format_version(name)}, not {version}")
         params = loads(meta["hyperparameters"], "hyperparameters")
         fingerprint = loads(meta["model"], "model")
         input_shape = loads(meta["input_shape"], "input_shape")
@@ -282,77 +278,42 @@ def _schema(where: str, meta: dict[str, str], tensors: dict[str, Tensor]) -> Gua
             raise ValueError("hyperparameters and model must be JSON objects")
         if calibration is not None and not isinstance(calibration, dict):
             raise ValueError("calibration must be a JSON object")
-        layers = params.get("layers")
-        if not isinstance(layers, list) or not layers or not all(isinstance(v, str) and v for v in layers):
-            raise ValueError(f"hyperparameters layers must be a non-empty list of module names; got {layers!r}")
-        if len(set(layers)) != len(layers):
-            raise ValueError(f"hyperparameters layers must be distinct; got {layers}")
-        if set(fingerprint) != {"layers", "channels", "parameters_sha256"} or fingerprint["layers"] != layers:
-            raise ValueError("model fingerprint must hold layers (those of the hyperparameters), channels and parameters_sha256")
-        sha = fingerprint["parameters_sha256"]
-        if not isinstance(sha, str) or not _SHA256.fullmatch(sha):
-            raise ValueError(f"model parameters_sha256 must be 64 hex digits; got {sha!r}")
-        channels = fingerprint["channels"]
-        if not isinstance(channels, dict) or set(channels) != set(layers):
-            raise ValueError(f"model channels must give a count for each layer {layers}; got {channels!r}")
-        for layer, c in channels.items():
-            _positive_int(c, f"channels of layer {layer!r}", MAX_CHANNELS)
-        kernel = params.get("kernel_size", 3)
-        kernel = kernel if isinstance(kernel, dict) else dict.fromkeys(layers, kernel)
-        if set(kernel) != set(layers):
-            raise ValueError(f"hyperparameters kernel_size must give a size for each layer {layers}; got {kernel!r}")
-        for layer, k in kernel.items():
-            _positive_int(k, f"kernel_size of layer {layer!r}", 64)
-        if not isinstance(input_shape, list) or len(input_shape) != 3:
-            raise ValueError(f"input_shape must be [C, H, W]; got {input_shape!r}")
-        c, h, w = (_positive_int(v, f"input_shape {input_shape}", MAX_INPUT_PIXELS) for v in input_shape)
-        if c > MAX_CHANNELS or h * w > MAX_INPUT_PIXELS:
-            raise ValueError(f"input_shape {input_shape} exceeds {MAX_CHANNELS} channels or {MAX_INPUT_PIXELS} pixels")
+        layers, channels, sha = _fingerprint(fingerprint)
+        shape = _input_shape(input_shape, layers)
         for key, value in (("covariance", params.get("covariance", "")), ("aggregation", params.get("aggregate", ""))):
             if key in meta and meta[key] != str(value):
                 raise ValueError(f"metadata {key}={meta[key]!r} disagrees with the hyperparameters ({value!r})")
-        _check_tensors(tensors, layers, {layer: channels[layer] * kernel[layer] ** 2 for layer in layers})
+        tapped = check_content(name, params, tensors, channels)
+        if tapped != layers:
+            raise ValueError(f"model fingerprint layers {layers} are not those the detector taps, {tapped}")
     except ValueError as err:
         raise GuardFileError(f"{where} has invalid content: {err}") from err
-    return GuardFile(meta, tensors, meta["detector"], params, channels, sha, (c, h, w), calibration)
+    return GuardFile(meta, tensors, name, params, channels, sha, shape, calibration)
 
 
-def _check_tensors(tensors: dict[str, Tensor], layers: list[str], dims: dict[str, int]) -> None:
-    """Names, dtype, shapes (K groups, D = C k^2 per layer, r projections), finiteness, signs."""
-    expected = {"standardize/mean", "standardize/std"} | {f"forms/{layer}/{f}" for layer in layers for f in FIELDS}
-    unknown = sorted(set(tensors) - expected)
-    if unknown:
-        raise ValueError(f"unexpected tensors {unknown[:5]}")
-    for key, t in tensors.items():
-        if t.dtype != torch.float64:
-            raise ValueError(f"tensor {key!r} must be float64; got {t.dtype}")
-        if not torch.isfinite(t).all():
-            raise ValueError(f"tensor {key!r} holds NaN or inf")
-    for key in ("standardize/mean", "standardize/std"):
-        if key not in tensors:
-            raise ValueError(f"tensor {key!r} is missing")
-        if tuple(tensors[key].shape) != (len(layers),):
-            raise ValueError(f"tensor {key!r} must have shape ({len(layers)},); got {tuple(tensors[key].shape)}")
-    if not (tensors["standardize/std"] > 0).all():
-        raise ValueError("tensor 'standardize/std' must be positive")
-    groups = None
-    for layer in layers:
-        mean, proj, gain, diag = (tensors.get(f"forms/{layer}/{f}") for f in FIELDS)
-        if mean is None or (proj is None) != (gain is None) or (proj is None and diag is None):
-            raise ValueError(f"the tensors of layer {layer!r} are missing (mean, and proj with gain or diag)")
-        D = dims[layer]
-        K = mean.shape[0] if mean.ndim == 2 else 0
-        groups = K if groups is None else groups
-        shapes = {"mean": (mean, (groups, D)), "diag": (diag, (groups, D))}
-        if proj is not None:
-            r = proj.shape[-1] if proj.ndim == 3 and 1 <= proj.shape[-1] <= D else -1
-            shapes.update(proj=(proj, (groups, D, r)), gain=(gain, (groups, r)))
-        for field, (t, shape) in shapes.items():
-            if t is not None and (tuple(t.shape) != shape or groups < 1):
-                raise ValueError(f"tensor 'forms/{layer}/{field}' has shape {tuple(t.shape)}; expected {shape} (D = C k^2)")
-        if diag is not None and not (diag > 0).all():
-            raise ValueError(f"tensor 'forms/{layer}/diag' must be positive")
-        if gain is not None and diag is None and not (gain > 0).all():
-            raise ValueError(f"tensor 'forms/{layer}/gain' must be positive without a diag")
-        if gain is not None and diag is not None and not (gain + diag.amax(-1, keepdim=True) >= 0).all():
-            raise ValueError(f"tensor 'forms/{layer}/gain' is below -diag: the precision is not positive definite")
+def _fingerprint(fingerprint: dict) -> tuple[list[str], dict[str, int], str]:
+    """Layers (distinct module names, possibly none), their channel counts, and the parameters' SHA-256."""
+    if set(fingerprint) != {"layers", "channels", "parameters_sha256"}:
+        raise ValueError("model fingerprint must hold layers (those of the hyperparameters), channels and parameters_sha256")
+    layers, channels, sha = fingerprint["layers"], fingerprint["channels"], fingerprint["parameters_sha256"]
+    if not isinstance(layers, list) or not all(isinstance(v, str) and v for v in layers) or len(set(layers)) != len(layers):
+        raise ValueError(f"model layers must be a list of distinct module names; got {layers!r}")
+    if not isinstance(sha, str) or not _SHA256.fullmatch(sha):
+        raise ValueError(f"model parameters_sha256 must be 64 hex digits; got {sha!r}")
+    if not isinstance(channels, dict) or set(channels) != set(layers):
+        raise ValueError(f"model channels must give a count for each layer {layers}; got {channels!r}")
+    for layer, c in channels.items():
+        positive_int(c, f"channels of layer {layer!r}", MAX_CHANNELS)
+    return layers, channels, sha
+
+
+def _input_shape(value: Any, layers: list[str]) -> tuple[int, int, int] | None:
+    """(C, H, W) of positive integers within the limits; null only for a detector that taps no layer."""
+    if value is None and not layers:
+        return None
+    if not isinstance(value, list) or len(value) != 3:
+        raise ValueError(f"input_shape must be [C, H, W]; got {value!r}")
+    c, h, w = (positive_int(v, f"input_shape {value}", MAX_INPUT_PIXELS) for v in value)
+    if c > MAX_CHANNELS or h * w > MAX_INPUT_PIXELS:
+        raise ValueError(f"input_shape {value} exceeds {MAX_CHANNELS} channels or {MAX_INPUT_PIXELS} pixels")
+    return c, h, w

@@ -1,23 +1,31 @@
-"""Save and load fitted patch detectors as safetensors + JSON metadata (never pickle).
+"""Save and load fitted detectors as safetensors + JSON metadata (never pickle).
 
-The file holds the scoring tensors (``forms/<layer>/mean|proj|gain|diag``, float64) and the
-layer standardization (``standardize/mean|std``). Its string metadata holds:
+Every detector of :data:`covguard.DETECTORS` is saved: the patch detectors, the baselines and a
+:class:`~covguard.detectors.fused.FusedDetector` with all its members, in one file each. The
+tensors depend on the detector's kind (:mod:`covguard.guardcodec`): for a patch detector the
+scoring tensors (``forms/<layer>/mean|proj|gain|diag``, float64) and the layer standardization
+(``standardize/mean|std``); for a baseline its ``state_tensors()`` (none for MSP, Energy,
+MaxLogit, GEN, ODIN); for a fused detector each member's under ``members/<name>/`` and its
+calibration scores ``calibration/<name>``. The string metadata holds:
 
-- ``format_version`` (:data:`FORMAT_VERSION`) and ``covguard_version``;
-- ``detector`` (registry name), ``hyperparameters`` (JSON), and for reading at a glance
-  ``covariance`` and ``aggregation``;
+- ``format_version`` (2 for the patch detectors, 3 for the others) and ``covguard_version``;
+- ``detector`` (registry name), ``hyperparameters`` (JSON; for a fused detector the members in
+  order with their own names and hyperparameters, ``rule`` and ``tail_size``), and for a patch
+  detector, for reading at a glance, ``covariance`` and ``aggregation``;
 - ``model``: the fingerprint of the model the detector was fitted on (JSON): tapped layer names,
   their channel counts, and the SHA-256 of the model's state dict
   (:func:`~covguard.features.parameter_sha256`);
-- ``input_shape`` (C, H, W) seen at fit time;
+- ``input_shape`` (C, H, W) seen at fit time (``null`` for a detector of the logits that
+  recorded none);
 - ``calibration`` (JSON, only in files written by :meth:`covguard.Guard.save`): the threshold
   and the target TPR it was set for;
 - ``checksum``: SHA-256 of the rest of the header and of the tensor bytes.
 
 :func:`load` first verifies the file on its own (:func:`covguard.guardfile.read_guard_file`:
 size, structure, checksum, schema; any failure is a :class:`GuardFileError` naming the check),
-then against the model: its tapped layers and channel counts (a ``ValueError`` starting with
-``model does not match``) and, with ``strict_model=True``, its parameters.
+then against the model: its tapped layers, heads and channel counts and its number of classes
+(a ``ValueError`` starting with ``model does not match``) and, with ``strict_model=True``, its
+parameters.
 
 Files are byte-for-byte reproducible: the same fitted statistics give the same bytes. The
 official safetensors writer lays out the tensors (sorted by dtype and name); covguard then
@@ -40,22 +48,11 @@ import torch
 from safetensors.torch import save as save_bytes
 from torch import nn
 
-from covguard.covariance import QuadraticForm
-from covguard.detectors import DETECTORS
-from covguard.detectors.base import check_is_fitted
-from covguard.detectors.patch import PatchMahalanobis
+from covguard.detectors.base import Detector
 from covguard.features import FeatureTap, eval_mode, model_device, parameter_sha256
 from covguard.files import atomic_writer
-from covguard.guardfile import (
-    FIELDS,
-    FORMAT_VERSION,
-    MAX_FILE_BYTES,
-    GuardFile,
-    GuardFileError,
-    checksum,
-    dumps,
-    read_guard_file,
-)
+from covguard.guardcodec import FORMAT_VERSION, build, dumps, encode, format_version, model_mismatch, module_names
+from covguard.guardfile import MAX_FILE_BYTES, GuardFile, GuardFileError, checksum, read_guard_file
 
 __all__ = ["FORMAT_VERSION", "GuardFileError", "MAX_FILE_BYTES", "attach", "check_model", "load", "read_guard_file", "read_metadata", "save"]
 
@@ -64,49 +61,55 @@ _ALIGN = 8  # safetensors pads its header to a multiple of 8 bytes
 _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
-def save(detector: PatchMahalanobis, path: str | Path, *, calibration: dict[str, Any] | None = None) -> Path:
+def save(detector: Detector, path: str | Path, *, calibration: dict[str, Any] | None = None) -> Path:
     """Write a fitted detector to ``path`` (safetensors). Returns the path.
 
     Parameters
     ----------
-    detector : PatchMahalanobis
-        A fitted detector from :data:`covguard.DETECTORS`.
+    detector : Detector
+        A fitted detector of a class in :data:`covguard.DETECTORS` (a fused detector with all
+        its members).
     path : str or Path
         Destination; parent folders are created. The file gets the umask's permissions.
     calibration : dict, optional
         JSON-serializable guard calibration (:meth:`covguard.Guard.save` passes it).
+
+    Raises
+    ------
+    TypeError
+        A detector (or a fused detector's member) of another class, or a fused member.
+    ValueError
+        An unfitted detector; a detector that taps layers but recorded no input shape (fitted
+        through ``partial_fit`` / ``finish_fit()`` without ``input_shape``); a member name with ``/``.
     """
     from covguard import __version__
 
-    check_is_fitted(detector)
-    name = next((key for key, cls in DETECTORS.items() if type(detector) is cls), None)
-    if name is None:
-        raise TypeError(f"detector must be one of {sorted(DETECTORS)} to be saved; got {type(detector).__name__}")
-    tensors = {"standardize/mean": detector.score_mean_, "standardize/std": detector.score_std_}
-    for layer, form in detector.forms_.items():
-        for field in FIELDS:
-            value = getattr(form, field)
-            if value is not None:
-                tensors[f"forms/{layer}/{field}"] = value.detach().cpu().contiguous()
-    params = _saved_params(detector)
+    if not isinstance(detector, Detector):
+        raise TypeError(f"detector must be a covguard Detector; got {type(detector).__name__}")
+    content = encode(detector)
+    if detector.layers and detector.input_shape_ is None:
+        raise ValueError(
+            f"{type(detector).__name__} recorded no input shape (C, H, W); fit it with fit(loader) or pass "
+            "input_shape to finish_fit (or to FusedDetector.set_calibration) before saving"
+        )
     fingerprint = {
         "layers": list(detector.layers),
-        "channels": detector.channels_,
-        "parameters_sha256": detector.model_sha256_ or parameter_sha256(detector.model),
+        "channels": content.channels,
+        "parameters_sha256": content.model_sha256 or parameter_sha256(detector.model),
     }
     metadata = {
-        "format_version": str(FORMAT_VERSION),
+        "format_version": str(format_version(content.name)),
         "covguard_version": __version__,
-        "detector": name,
-        "hyperparameters": dumps(params),
-        "covariance": str(params.get("covariance", "")),
-        "aggregation": str(params.get("aggregate", "")),
+        "detector": content.name,
+        "hyperparameters": dumps(content.params),
         "model": dumps(fingerprint),
-        "input_shape": dumps(list(detector.input_shape_)),
+        "input_shape": dumps(None if detector.input_shape_ is None else list(detector.input_shape_)),
     }
+    if "covariance" in content.params:  # a patch detector
+        metadata.update(covariance=str(content.params["covariance"]), aggregation=str(content.params["aggregate"]))
     if calibration is not None:
         metadata["calibration"] = dumps(calibration)
-    data = _canonical(save_bytes(tensors, metadata=metadata))
+    data = _canonical(save_bytes(content.tensors, metadata=metadata))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_writer(path) as handle:
@@ -129,7 +132,7 @@ def read_metadata(path: str | Path, *, max_bytes: int = MAX_FILE_BYTES) -> dict[
 
 def load(
     path: str | Path, model: nn.Module, *, strict_model: bool = True, max_bytes: int = MAX_FILE_BYTES
-) -> PatchMahalanobis:
+) -> Detector:
     """Load a detector saved by :func:`save` and attach it to ``model``.
 
     Parameters
@@ -146,6 +149,12 @@ def load(
     max_bytes : int
         Largest file accepted (default :data:`MAX_FILE_BYTES`, 4 GiB).
 
+    Returns
+    -------
+    Detector
+        Of the class the file names, fitted; a fused detector with every member rebuilt and its
+        calibration set.
+
     Raises
     ------
     TypeError
@@ -157,8 +166,8 @@ def load(
         or newer than this covguard, or whose content breaks the schema (see
         :mod:`covguard.guardfile`). A subclass of ValueError.
     ValueError
-        A model whose tapped layers or channel counts differ (``model does not match ...``),
-        or whose parameters differ (``model parameters differ ...``).
+        A model whose tapped layers, ``fc_layer``, channel counts or classes differ
+        (``model does not match ...``), or whose parameters differ (``model parameters differ ...``).
     """
     check_model(model)
     return attach(read_guard_file(path, max_bytes=max_bytes), model, strict_model=strict_model, where=f"path {str(path)!r}")
@@ -170,71 +179,50 @@ def check_model(model: Any) -> None:
         raise TypeError(f"model must be the torch.nn.Module the detector was fitted on; got {type(model).__name__}")
 
 
-def attach(content: GuardFile, model: nn.Module, *, strict_model: bool, where: str) -> PatchMahalanobis:
+def attach(content: GuardFile, model: nn.Module, *, strict_model: bool, where: str) -> Detector:
     """Build the detector of a verified file on ``model``, after checking that ``model`` matches it."""
-    layers = content.params["layers"]
     names = {name for name, _ in model.named_modules() if name}
-    absent = [layer for layer in layers if layer not in names]
-    if absent:
-        raise ValueError(
-            f"model does not match the saved detector: its tapped layers {absent} are not modules of the model"
-        )
-    cls = DETECTORS[content.detector]
+    needed = module_names(content.detector, content.params)
+    for role in ("tapped layer", "fc_layer"):
+        absent = [key for key, r in needed.items() if r == role and key not in names]
+        if absent:
+            raise ValueError(f"model does not match the saved detector: its {role}s {absent} are not modules of the model")
     try:
-        detector = cls(model, **content.params)
-        rebuilt = _saved_params(detector)
-    except (TypeError, ValueError) as err:
-        raise GuardFileError(f"{where} has hyperparameters that {cls.__name__} refuses: {err}") from err
-    if dumps({key: rebuilt.get(key) for key in content.params}) != dumps(content.params):
-        raise GuardFileError(
-            f"{where} has hyperparameters that {cls.__name__} does not reproduce: saved {dumps(content.params)}, "
-            f"rebuilt {dumps(rebuilt)}"
-        )
-    groups = next(t.shape[0] for key, t in content.tensors.items() if key.endswith("/mean") and key.startswith("forms/"))
-    _check_model(model, detector.layers, content, groups)
+        detector = build(
+            content.detector, content.params, content.tensors, model, channels=content.channels,
+            input_shape=content.input_shape, model_sha256=content.parameters_sha256,
+        )  # fmt: skip
+    except ValueError as err:
+        raise GuardFileError(f"{where} has {err}") from err
+    _check_model(model, detector, content)
     _check_parameters(model, content.parameters_sha256, strict_model, where)
-    forms = {
-        layer: QuadraticForm(**{field: content.tensors.get(f"forms/{layer}/{field}") for field in FIELDS})
-        for layer in detector.layers
-    }
-    detector.set_state(
-        forms, content.channels, score_mean=content.tensors["standardize/mean"],
-        score_std=content.tensors["standardize/std"], input_shape=content.input_shape,
-        model_sha256=content.parameters_sha256,
-    )
     return detector
-
-
-def _saved_params(detector: PatchMahalanobis) -> dict[str, Any]:
-    """The hyperparameters a file records: the constructor's, less ``keep_moments`` (moments are not saved)."""
-    return {key: value for key, value in detector.get_params().items() if key != "keep_moments"}
 
 
 # ---- model checks --------------------------------------------------------------------------------
 
 
-def _check_model(model: nn.Module, layers: tuple[str, ...], content: GuardFile, groups: int) -> None:
+def _check_model(model: nn.Module, detector: Detector, content: GuardFile) -> None:
     """One forward on zeros of the fitted shape: channel counts of the tapped layers, and classes."""
+    if content.input_shape is None:  # a detector of the logits alone, never fitted on images
+        return
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     x = torch.zeros(1, *content.input_shape, dtype=dtype, device=model_device(model))
     try:
-        with eval_mode(model), torch.no_grad(), FeatureTap(model, layers) as tap:
+        with eval_mode(model), torch.no_grad(), FeatureTap(model, detector.layers) as tap:
             logits, feats = tap(x)
     except (RuntimeError, ValueError, TypeError) as err:
         raise ValueError(
             f"model does not match the saved detector: it cannot run the fitted input shape {content.input_shape}: {err}"
         ) from err
     channels = content.channels
-    wrong = {layer: (channels[layer], f.shape[1]) for layer, f in feats.items() if f.ndim != 4 or f.shape[1] != channels[layer]}
+    wrong = {layer: (channels[layer], f.shape[1] if f.ndim > 1 else None) for layer, f in feats.items() if f.ndim < 2 or f.shape[1] != channels[layer]}
     if wrong:
         detail = ", ".join(f"{layer!r}: fitted C={a}, model C={b}" for layer, (a, b) in wrong.items())
         raise ValueError(f"model does not match the saved detector ({detail})")
-    expected = logits.shape[-1] if content.detector == "class_mahalanobis" else 1
-    if groups != expected:
-        raise ValueError(
-            f"model does not match the saved detector: it has {logits.shape[-1]} classes, the detector "
-            f"{groups} {'classes' if content.detector == 'class_mahalanobis' else 'groups (1 expected)'}"
-        )
+    reason = model_mismatch(detector, logits.shape[-1])
+    if reason:
+        raise ValueError(f"model does not match the saved detector: {reason}")
 
 
 def _check_parameters(model: nn.Module, expected: str, strict_model: bool, where: str) -> None:

@@ -7,7 +7,8 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from covguard.detectors.base import Detector, warn_nonfinite
+from covguard.detectors.base import warn_nonfinite
+from covguard.detectors.state import TensorStateDetector
 
 __all__ = ["Energy", "energy_score"]
 
@@ -17,7 +18,7 @@ def energy_score(logits: Tensor, temperature: float = 1.0) -> Tensor:
     return -temperature * (logits / temperature).logsumexp(1)
 
 
-class Energy(Detector):
+class Energy(TensorStateDetector):
     """Energy score; larger (less negative) energy = more anomalous.
 
     Liu et al., "Energy-based Out-of-distribution Detection", NeurIPS 2020; OpenOOD v1.5
@@ -25,7 +26,7 @@ class Energy(Detector):
 
     ``score(x) = -T logsumexp_k(l(x)_k / T)``.
 
-    Needs no fit.
+    Needs no fit; a saved file holds its hyperparameters only.
 
     Parameters
     ----------

@@ -7,7 +7,8 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from covguard.detectors.base import Detector, warn_nonfinite
+from covguard.detectors.base import warn_nonfinite
+from covguard.detectors.state import TensorStateDetector
 
 __all__ = ["GEN", "generalized_entropy"]
 
@@ -25,7 +26,7 @@ def generalized_entropy(logits: Tensor, gamma: float = 0.1, top_m: int = 100) ->
     return (top**gamma * complement**gamma).sum(1).to(logits.dtype)
 
 
-class GEN(Detector):
+class GEN(TensorStateDetector):
     """Generalized entropy score; larger = more anomalous.
 
     Liu, Lochman & Zach, "GEN: Pushing the Limits of Softmax-Based Out-of-Distribution
@@ -34,9 +35,10 @@ class GEN(Detector):
 
     ``score(x) = G_gamma(p) = sum_{j in top-M} p_j^gamma (1 - p_j)^gamma``, ``p = softmax(l(x))``.
 
-    Needs no fit. Unlike OpenOOD, which evaluates this in float32 (where ``1 - p_max`` is 0 as
-    soon as ``p_max > 1 - 6e-8``, dropping the top class's term), we compute it in float64 with
-    ``1 - p_max = sum_{j != max} p_j`` (see :func:`generalized_entropy`).
+    Needs no fit (a saved file holds its hyperparameters only). Unlike OpenOOD, which evaluates
+    this in float32 (where ``1 - p_max`` is 0 as soon as ``p_max > 1 - 6e-8``, dropping the top
+    class's term), we compute it in float64 with ``1 - p_max = sum_{j != max} p_j`` (see
+    :func:`generalized_entropy`).
 
     Parameters
     ----------

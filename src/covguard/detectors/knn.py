@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from covguard.detectors.base import Detector, check_is_fitted, warn_nonfinite
+from covguard.detectors.base import check_is_fitted, warn_nonfinite
 from covguard.detectors.mds import penultimate_features
+from covguard.detectors.state import StateSpec, TensorStateDetector
 
 __all__ = ["KNN", "kth_neighbor_distance"]
 
@@ -37,7 +40,7 @@ def kth_neighbor_distance(q: Tensor, bank: Tensor, k: int, *, chunk: int = 16384
     return best[:, k - 1]
 
 
-class KNN(Detector):
+class KNN(TensorStateDetector):
     """Distance to the ``k``-th nearest neighbour among the normalized fit features.
 
     Sun et al., "Out-of-Distribution Detection with Deep Nearest Neighbors", ICML 2022, as in
@@ -67,6 +70,7 @@ class KNN(Detector):
     OpenOOD normalizes as ``f / ||f|| + 1e-10``; we use ``f / max(||f||, 1e-12)``
     (``F.normalize``), which differs by 1e-10 per coordinate and keeps zero features finite.
     A fit image scored again finds itself at distance 0 as its first neighbour, as in OpenOOD.
+    Saved state (:mod:`covguard.detectors.state`): ``bank`` (M, C) float32.
 
     Examples
     --------
@@ -77,6 +81,8 @@ class KNN(Detector):
     >>> det.score(x[:5]).shape
     torch.Size([5])
     """
+
+    state_spec: ClassVar[StateSpec] = {"bank": (torch.float32, ("M", "C"))}
 
     def __init__(self, model: nn.Module, *, k: int = 50, feature_layer: str = "avgpool") -> None:
         super().__init__(model, layers=[feature_layer])
@@ -128,6 +134,19 @@ class KNN(Detector):
         other.k_ = other._clipped_k(stacklevel=3)
         other.fitted_ = True
         return other
+
+    def _state(self) -> dict[str, Tensor]:
+        return {"bank": self.bank_}
+
+    def _install_state(self, tensors: dict[str, Tensor], dims: dict[str, int]) -> None:
+        self.bank_, self.channels_ = tensors["bank"], dims["C"]
+        self.k_ = min(self.k, dims["M"])
+
+    @classmethod
+    def _check_state_values(cls, tensors: Mapping[str, Tensor], dims: dict[str, int]) -> None:
+        norms = tensors["bank"].double().norm(dim=1)  # (M,) 1, or 0 for a zero feature
+        if not ((norms - 1).abs() < 1e-4).logical_or(norms == 0).all():
+            raise ValueError("tensor 'bank' must hold L2-normalized rows (norm 1, or 0 for a zero feature)")
 
     def score_features(self, logits: Tensor, feats: dict[str, Tensor]) -> Tensor:
         """Distance (N,) to the ``k``-th nearest normalized fit feature."""

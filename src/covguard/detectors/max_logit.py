@@ -7,7 +7,8 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from covguard.detectors.base import Detector, warn_nonfinite
+from covguard.detectors.base import warn_nonfinite
+from covguard.detectors.state import TensorStateDetector
 
 __all__ = ["MaxLogit", "max_logit_score"]
 
@@ -17,7 +18,7 @@ def max_logit_score(logits: Tensor) -> Tensor:
     return -logits.amax(1)
 
 
-class MaxLogit(Detector):
+class MaxLogit(TensorStateDetector):
     """Maximum logit baseline, negated so that larger = more anomalous.
 
     Hendrycks et al., "Scaling Out-of-Distribution Detection for Real-World Settings",
@@ -26,7 +27,7 @@ class MaxLogit(Detector):
 
     ``score(x) = -max_k l(x)_k``.
 
-    Needs no fit.
+    Needs no fit; a saved file holds its hyperparameters only.
 
     Parameters
     ----------

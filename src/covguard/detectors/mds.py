@@ -7,12 +7,15 @@ flattening the pooled features and squared Mahalanobis distances through a white
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from covguard.detectors.base import Detector, check_is_fitted, warn_nonfinite
+from covguard.detectors.base import check_is_fitted, warn_nonfinite
 from covguard.detectors.labels import check_labels
+from covguard.detectors.state import StateSpec, TensorStateDetector
 from covguard.stats import TiedMoments
 
 __all__ = ["MDS", "penultimate_features", "sq_distances", "whitening"]
@@ -88,7 +91,7 @@ def sq_distances(z: Tensor, means: Tensor, *, chunk_elements: int = 2**22) -> Te
     return torch.cat(out, dim=1)
 
 
-class MDS(Detector):
+class MDS(TensorStateDetector):
     """Minimum squared Mahalanobis distance of the penultimate features to the class means.
 
     Lee et al., "A Simple Unified Framework for Detecting Out-of-Distribution Samples and
@@ -112,7 +115,9 @@ class MDS(Detector):
     Notes
     -----
     Fit needs labels: the loader yields ``(x, y)``. A class without fit samples has no mean; it
-    is left out of the minimum, with a warning.
+    is left out of the minimum, with a warning. Saved state (:mod:`covguard.detectors.state`):
+    ``whitening`` (C, r), ``means`` (K', r) float64 and ``classes`` (K',) int64, the labels of
+    the fitted classes.
 
     Examples
     --------
@@ -123,6 +128,12 @@ class MDS(Detector):
     >>> det.score(x[:5]).shape
     torch.Size([5])
     """
+
+    state_spec: ClassVar[StateSpec] = {
+        "whitening": (torch.float64, ("C", "r")),
+        "means": (torch.float64, ("K'", "r")),
+        "classes": (torch.int64, ("K'",)),
+    }
 
     def __init__(self, model: nn.Module, *, feature_layer: str = "avgpool") -> None:
         super().__init__(model, layers=[feature_layer])
@@ -154,6 +165,26 @@ class MDS(Detector):
         self.means_ = self._acc.mean[present] @ self.whitening_  # (K', r)
         self.classes_ = present
         self._acc = None
+
+    def _state(self) -> dict[str, Tensor]:
+        return {"whitening": self.whitening_, "means": self.means_, "classes": self.classes_}
+
+    def _install_state(self, tensors: dict[str, Tensor], dims: dict[str, int]) -> None:
+        self.whitening_, self.means_, self.classes_ = tensors["whitening"], tensors["means"], tensors["classes"]
+        self.channels_ = dims["C"]
+
+    @classmethod
+    def _check_state_values(cls, tensors: Mapping[str, Tensor], dims: dict[str, int]) -> None:
+        if dims["r"] > dims["C"]:
+            raise ValueError(f"tensor 'whitening' has {dims['r']} columns, more than its C={dims['C']} rows")
+        labels = tensors["classes"]
+        if labels[0] < 0 or not (labels[1:] > labels[:-1]).all():
+            raise ValueError(f"tensor 'classes' must hold increasing labels >= 0; got {labels.tolist()[:10]}")
+
+    def check_model(self, classes: int) -> None:
+        """Refuse a model with fewer classes than the fitted labels need."""
+        if int(self.classes_[-1]) >= classes:
+            raise ValueError(f"it has {classes} classes, the detector has means of labels up to {int(self.classes_[-1])}")
 
     def class_sq_distances(self, f: Tensor) -> Tensor:
         """Squared Mahalanobis distance of features (N, C) to every fitted class mean, (N, K') float64."""

@@ -7,7 +7,8 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from covguard.detectors.base import Detector, warn_nonfinite
+from covguard.detectors.base import warn_nonfinite
+from covguard.detectors.state import TensorStateDetector
 
 __all__ = ["MSP", "msp_score"]
 
@@ -17,7 +18,7 @@ def msp_score(logits: Tensor) -> Tensor:
     return -logits.softmax(1).amax(1)
 
 
-class MSP(Detector):
+class MSP(TensorStateDetector):
     """Maximum softmax probability baseline, negated so that larger = more anomalous.
 
     Hendrycks & Gimpel, "A Baseline for Detecting Misclassified and Out-of-Distribution
@@ -26,7 +27,7 @@ class MSP(Detector):
 
     ``score(x) = -max_k softmax(l(x))_k``, in [-1, -1/K].
 
-    Needs no fit.
+    Needs no fit; a saved file holds its hyperparameters only.
 
     Parameters
     ----------

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from covguard.detectors.base import Detector, warn_nonfinite
+from covguard.detectors.base import warn_nonfinite
+from covguard.detectors.state import TensorStateDetector
 from covguard.features import eval_mode
 
 __all__ = ["ODIN", "odin_perturb"]
@@ -46,7 +47,7 @@ def odin_perturb(model: nn.Module, x: Tensor, *, temperature: float, noise: floa
     return x.detach() - noise * sign
 
 
-class ODIN(Detector):
+class ODIN(TensorStateDetector):
     """ODIN score: negated maximum softmax at temperature ``T`` of a perturbed input.
 
     Liang, Li & Srikant, "Enhancing The Reliability of Out-of-distribution Image Detection in
@@ -56,9 +57,10 @@ class ODIN(Detector):
     ``x~ = x - eps * sign(grad_x CE(l(x) / T, argmax l(x)))``,
     ``score(x) = -max_k softmax(l(x~) / T)_k``.
 
-    Needs no fit, but needs input gradients: :meth:`score` runs the model twice (forward +
-    backward to the input, then forward on ``x~``) in eval mode (the previous mode is
-    restored); :meth:`score_features` expects the logits of the *perturbed* images.
+    Needs no fit (a saved file holds its hyperparameters only), but needs input gradients:
+    :meth:`score` runs the model twice (forward + backward to the input, then forward on ``x~``)
+    in eval mode (the previous mode is restored); :meth:`score_features` expects the logits of
+    the *perturbed* images.
 
     Parameters
     ----------

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import Tensor, nn
 
-from covguard.detectors.base import Detector, check_is_fitted, warn_nonfinite
+from covguard.detectors.base import check_is_fitted, warn_nonfinite
 from covguard.detectors.mds import penultimate_features
+from covguard.detectors.state import StateSpec, TensorStateDetector
 from covguard.detectors.vim import linear_head
 
 __all__ = ["ReAct", "percentile"]
@@ -28,7 +31,7 @@ def percentile(values: Tensor, q: float) -> float:
     return float(v[lo] + (pos - lo) * (v[hi] - v[lo]))
 
 
-class ReAct(Detector):
+class ReAct(TensorStateDetector):
     """Energy score after clipping the penultimate activations.
 
     Sun et al., "ReAct: Out-of-distribution Detection With Rectified Activations", NeurIPS 2021,
@@ -59,7 +62,8 @@ class ReAct(Detector):
     -----
     OpenOOD fits the threshold on the in-distribution *validation* split; here it is fitted on
     whatever loader is given to :meth:`fit`. The recomputed logits are ``fc(clip(f))``, so the
-    model must apply ``fc_layer`` directly to the flattened ``feature_layer`` output.
+    model must apply ``fc_layer`` directly to the flattened ``feature_layer`` output. Saved state
+    (:mod:`covguard.detectors.state`): ``threshold``, a 0-d float64 tensor.
 
     Examples
     --------
@@ -70,6 +74,8 @@ class ReAct(Detector):
     >>> det.score(x[:5]).shape
     torch.Size([5])
     """
+
+    state_spec: ClassVar[StateSpec] = {"threshold": (torch.float64, ())}
 
     def __init__(
         self, model: nn.Module, *, percentile: float = 90.0, feature_layer: str = "avgpool", fc_layer: str = "fc"
@@ -101,6 +107,13 @@ class ReAct(Detector):
     def _fit_end(self) -> None:
         self.threshold_ = percentile(torch.cat(self._chunks), self.percentile)
         self._chunks = []
+
+    def _state(self) -> dict[str, Tensor]:
+        return {"threshold": torch.tensor(self.threshold_, dtype=torch.float64)}
+
+    def _install_state(self, tensors: dict[str, Tensor], dims: dict[str, int]) -> None:
+        self.threshold_ = float(tensors["threshold"])
+        self.channels_ = linear_head(self.model, self.fc_layer).in_features  # fit checked C = in_features
 
     def score_features(self, logits: Tensor, feats: dict[str, Tensor]) -> Tensor:
         """Negative energy of the logits recomputed from clipped features, shape (N,)."""

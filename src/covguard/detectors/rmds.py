@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import ClassVar
+
 import torch
 from torch import Tensor, nn
 
 from covguard.detectors.base import check_is_fitted, warn_nonfinite
 from covguard.detectors.mds import MDS, penultimate_features, sq_distances, whitening
+from covguard.detectors.state import StateSpec
 
 __all__ = ["RMDS"]
 
@@ -34,7 +38,8 @@ class RMDS(MDS):
 
     Notes
     -----
-    Fit needs labels, as :class:`MDS`.
+    Fit needs labels, as :class:`MDS`. Saved state: that of :class:`MDS` plus
+    ``background_whitening`` (C, r0) and ``background_mean`` (1, r0), float64.
 
     Examples
     --------
@@ -46,16 +51,35 @@ class RMDS(MDS):
     torch.Size([5])
     """
 
+    state_spec: ClassVar[StateSpec] = {
+        **MDS.state_spec,
+        "background_whitening": (torch.float64, ("C", "r0")),
+        "background_mean": (torch.float64, (1, "r0")),
+    }
+
     def __init__(self, model: nn.Module, *, feature_layer: str = "avgpool") -> None:
         super().__init__(model, feature_layer=feature_layer)
         self.background_whitening_: Tensor | None = None  # (C, r0)
-        self.background_mean_: Tensor | None = None  # (r0,) whitened
+        self.background_mean_: Tensor | None = None  # (1, r0) whitened
 
     def _fit_end(self) -> None:
         mean, scatter = self._acc.total()  # all fit features, labels ignored: (C,), (C, C)
         self.background_whitening_ = whitening(scatter / self._acc.n.sum())  # (C, r0)
         self.background_mean_ = mean[None] @ self.background_whitening_  # (1, r0)
         super()._fit_end()
+
+    def _state(self) -> dict[str, Tensor]:
+        return {**super()._state(), "background_whitening": self.background_whitening_, "background_mean": self.background_mean_}
+
+    def _install_state(self, tensors: dict[str, Tensor], dims: dict[str, int]) -> None:
+        super()._install_state(tensors, dims)
+        self.background_whitening_, self.background_mean_ = tensors["background_whitening"], tensors["background_mean"]
+
+    @classmethod
+    def _check_state_values(cls, tensors: Mapping[str, Tensor], dims: dict[str, int]) -> None:
+        super()._check_state_values(tensors, dims)
+        if dims["r0"] > dims["C"]:
+            raise ValueError(f"tensor 'background_whitening' has {dims['r0']} columns, more than its C={dims['C']} rows")
 
     def score_features(self, logits: Tensor, feats: dict[str, Tensor]) -> Tensor:
         """``min_k d2_k - d2_0`` (N,) from the features of ``feature_layer``."""

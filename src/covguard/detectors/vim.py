@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
+from typing import ClassVar
+
 import torch
 from torch import Tensor, nn
 
-from covguard.detectors.base import Detector, check_is_fitted, warn_nonfinite
+from covguard.detectors.base import check_is_fitted, warn_nonfinite
 from covguard.detectors.mds import penultimate_features
+from covguard.detectors.state import StateSpec, TensorStateDetector
 from covguard.stats import StreamingMoments
 
 __all__ = ["ViM", "linear_head"]
@@ -30,7 +34,7 @@ def linear_head(model: nn.Module, name: str) -> nn.Linear:
     return modules[name]
 
 
-class ViM(Detector):
+class ViM(TensorStateDetector):
     """Virtual-logit matching score of the penultimate features.
 
     Wang et al., "ViM: Out-Of-Distribution with Virtual-logit Matching", CVPR 2022, as in
@@ -66,6 +70,8 @@ class ViM(Detector):
     Fit reads the loader twice (moments, then ``alpha``: ``fit_passes = 2``), so it must be re-iterable; no
     features are stored. The second-moment matrix is formed in float64 from streamed moments:
     ``E[(f - u)(f - u)^T] = S / M + (m - u)(m - u)^T``. ``W`` and ``b`` are copied at fit.
+    Saved state (:mod:`covguard.detectors.state`), float64: ``weight`` (K, C), ``bias`` (K,),
+    ``origin`` (C,), ``residual_basis`` (C, C - dim) and ``alpha`` (a 0-d tensor).
 
     Examples
     --------
@@ -76,6 +82,14 @@ class ViM(Detector):
     >>> det.score(x[:5]).shape
     torch.Size([5])
     """
+
+    state_spec: ClassVar[StateSpec] = {
+        "weight": (torch.float64, ("K", "C")),
+        "bias": (torch.float64, ("K",)),
+        "origin": (torch.float64, ("C",)),
+        "residual_basis": (torch.float64, ("C", "R")),
+        "alpha": (torch.float64, ()),
+    }
 
     def __init__(self, model: nn.Module, *, dim: int | None = None, feature_layer: str = "avgpool", fc_layer: str = "fc") -> None:
         super().__init__(model, layers=[feature_layer])
@@ -162,6 +176,25 @@ class ViM(Detector):
                 f"the fit features have no component outside the {self.dim_}-d principal subspace; use a smaller dim"
             )
         self.alpha_ = float(self._max_logit_sum / self._fit_count / mean_norm)
+
+    def _state(self) -> dict[str, Tensor]:
+        alpha = torch.tensor(self.alpha_, dtype=torch.float64)  # () from a Python float, exactly
+        return {"weight": self.weight_, "bias": self.bias_, "origin": self.origin_, "residual_basis": self.residual_basis_, "alpha": alpha}
+
+    def _install_state(self, tensors: dict[str, Tensor], dims: dict[str, int]) -> None:
+        self.weight_, self.bias_, self.origin_ = tensors["weight"], tensors["bias"], tensors["origin"]
+        self.residual_basis_, self.alpha_ = tensors["residual_basis"], float(tensors["alpha"])
+        self.channels_, self.dim_ = dims["C"], dims["C"] - dims["R"]
+
+    @classmethod
+    def _check_state_values(cls, tensors: Mapping[str, Tensor], dims: dict[str, int]) -> None:
+        if dims["R"] >= dims["C"]:
+            raise ValueError(f"tensor 'residual_basis' must have fewer than C={dims['C']} columns; got {dims['R']}")
+
+    def check_model(self, classes: int) -> None:
+        """Refuse a model with another number of classes than the saved head."""
+        if self.weight_.shape[0] != classes:
+            raise ValueError(f"it has {classes} classes, the detector's saved head {self.weight_.shape[0]}")
 
     def score_features(self, logits: Tensor, feats: dict[str, Tensor]) -> Tensor:
         """``alpha ||(f - u) R|| - logsumexp(W f + b)`` (N,) from the features of ``feature_layer``."""
