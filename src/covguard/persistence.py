@@ -49,7 +49,7 @@ from safetensors.torch import save as save_bytes
 from torch import nn
 
 from covguard.detectors.base import Detector
-from covguard.features import FeatureTap, eval_mode, model_device, parameter_sha256
+from covguard.features import FeatureTap, eval_mode, model_device, model_dtype, parameter_sha256
 from covguard.files import atomic_writer
 from covguard.guardcodec import FORMAT_VERSION, build, dumps, encode, format_version, model_mismatch, module_names
 from covguard.guardfile import MAX_FILE_BYTES, GuardFile, GuardFileError, checksum, read_guard_file
@@ -206,7 +206,7 @@ def _check_model(model: nn.Module, detector: Detector, content: GuardFile) -> No
     """One forward on zeros of the fitted shape: channel counts of the tapped layers, and classes."""
     if content.input_shape is None:  # a detector of the logits alone, never fitted on images
         return
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    dtype = model_dtype(model)
     x = torch.zeros(1, *content.input_shape, dtype=dtype, device=model_device(model))
     try:
         with eval_mode(model), torch.no_grad(), FeatureTap(model, detector.layers) as tap:
