@@ -9,7 +9,8 @@
 - Synthetic (reported apart, never in the means): uniform and Gaussian noise.
 - Hyperparameters are fixed in :class:`OODConfig` before any OOD data is seen (no OOD
   validation). The variant sweep (covariance form, shrinkage, rank, aggregation, class
-  scoring) derives every form from the same fitted moments; its ID-only selection rule: per
+  scoring, relative distances, layer fusion) derives every form from the same fitted moments;
+  normalized features (:data:`OWN_FIT_VARIANTS`) need their own fit. Its ID-only selection rule: per
   detector (Simple, Class top-1), the covariance form with the highest mean Gaussian
   log-likelihood of held-out in-distribution patches (per dimension, averaged over layers),
   with mean aggregation (the i.i.d.-patch likelihood) and top-1 class scoring fixed in advance.
@@ -35,7 +36,7 @@ from covguard.data.images import jpeg_matched
 from covguard.data.registry import load_set
 from covguard.data.synthetic import gaussian_noise, uniform_noise
 from covguard.detectors.likelihood import log_likelihood
-from covguard.detectors.multi import score_detectors
+from covguard.detectors.multi import fit_detectors, score_detectors
 from covguard.metrics import evaluate, fpr_at_95tpr_ood_positive
 from covguard.html_report import add_html_report
 from covguard.report import markdown_table, plot_histograms, plot_roc, write_json
@@ -58,12 +59,24 @@ FORMS = {
     "lowrank-16": {"covariance": "lowrank", "rank": 16},
     "lowrank-64": {"covariance": "lowrank", "rank": 64},
 }
+#: A fourth name part marks an option beyond covariance form and aggregation.
 VARIANTS: dict[str, tuple[str, dict]] = {
     **{f"{kind}/{form}/mean": (det, changes) for kind, det in (("simple", "simple_mahalanobis"), ("class-top1", HEADLINE))
        for form, changes in FORMS.items()},
     "simple/full/max": ("simple_mahalanobis", {"aggregate": "max"}),
     "class-top1/full/max": (HEADLINE, {"aggregate": "max"}),
+    "simple/full/top10": ("simple_mahalanobis", {"aggregate": "topq", "top_fraction": 0.1}),
+    "class-top1/full/top10": (HEADLINE, {"aggregate": "topq", "top_fraction": 0.1}),
     "class-mixture/full/mean": (HEADLINE, {"scoring": "mixture"}),
+    "class-top1/full/mean/relative": (HEADLINE, {"relative": True}),  # shared form from the kept class moments
+    **{f"{kind}/full/mean/fusion-{fusion}": (det, {"fusion": fusion}) for kind, det in (("simple", "simple_mahalanobis"), ("class-top1", HEADLINE))
+       for fusion in ("max", "gaussian")},
+}
+#: Variants the fitted state cannot give (other statistics): cloned with these changes and fitted
+#: on the same fit images, in one joint pass.
+OWN_FIT_VARIANTS: dict[str, tuple[str, dict]] = {
+    "simple/full/mean/normalized": ("simple_mahalanobis", {"normalize": "position"}),
+    "class-top1/full/mean/normalized": (HEADLINE, {"normalize": "position"}),
 }
 
 
@@ -148,8 +161,9 @@ def _run_model(name: str, cfg: OODConfig, root: Path, train, sets: dict) -> dict
 
 
 def _variant_sweep(detectors: dict, train, sets: dict, x_id: Tensor, id_scores: dict, metrics: dict, cfg: OODConfig) -> dict:
-    """Per variant: held-out log-likelihood (the ID-only criterion) and AUROC per OOD set."""
-    _, hold = split_train(train, n_holdout=cfg.n_holdout, max_train=cfg.max_train, seed=cfg.seed, batch_size=cfg.batch_size)
+    """Per variant: held-out log-likelihood (the ID-only criterion; None for relative distances,
+    which have no density) and AUROC per OOD set."""
+    fit, hold = split_train(train, n_holdout=cfg.n_holdout, max_train=cfg.max_train, seed=cfg.seed, batch_size=cfg.batch_size)
     criterion_images = hold.images[: cfg.n_criterion].float() / 255
     built, same_as = {}, {}
     for name, (base, changes) in VARIANTS.items():
@@ -157,12 +171,17 @@ def _variant_sweep(detectors: dict, train, sets: dict, x_id: Tensor, id_scores: 
             same_as[name] = base
         else:
             built[name] = detectors[base].refit(holdout=hold, progress=cfg.progress, **changes)
+    own = {name: detectors[base].clone(**{"keep_moments": False, **changes}) for name, (base, changes) in OWN_FIT_VARIANTS.items()}
+    fit_detectors(list(own.values()), fit, holdout=hold, progress=cfg.progress)
+    built.update(own)
     every = {**{n: detectors[b] for n, b in same_as.items()}, **built}
     out = {}
     for name, det in every.items():
-        ll = torch.cat([log_likelihood(det, criterion_images[i : i + cfg.batch_size])
-                        for i in range(0, len(criterion_images), cfg.batch_size)])  # (n, n_layers)
-        out[name] = {"holdout_log_likelihood": ll.mean().item(), "auroc": {}}
+        ll = None
+        if not det.relative_distances:
+            ll = torch.cat([log_likelihood(det, criterion_images[i : i + cfg.batch_size])
+                            for i in range(0, len(criterion_images), cfg.batch_size)]).mean().item()  # of (n, n_layers)
+        out[name] = {"holdout_log_likelihood": ll, "auroc": {}}
     if built:
         own_id = score_detectors(built, x_id, batch_size=cfg.batch_size)
         for set_name, images in sets["ood"].items():
@@ -290,7 +309,8 @@ def _variants_markdown(models: dict) -> list[str]:
         row = {
             "variant": name,
             "ID rule": f"selected {chosen}/{len(per)}" if chosen else "",
-            "held-out log-lik / dim": format_mean_std([p["holdout_log_likelihood"] for p in per], scale=1.0, digits=3),
+            "held-out log-lik / dim": "" if per[0]["holdout_log_likelihood"] is None else
+            format_mean_std([p["holdout_log_likelihood"] for p in per], scale=1.0, digits=3),
         }
         for s in sets:
             row[s] = format_mean_std([p["auroc"][s] for p in per])
@@ -300,7 +320,8 @@ def _variants_markdown(models: dict) -> list[str]:
     return [
         "## Variant sweep (AUROC %, mean ± std over checkpoints)",
         "",
-        "Every variant comes from the same fitted moments (name: detector/covariance form/aggregation). "
+        "Every variant comes from the same fitted moments (name: detector/covariance form/aggregation[/option]), "
+        "but for the normalized features, fitted anew on the same images; relative distances have no likelihood. "
         "ID rule, fixed before scoring any OOD data: per detector, the form with the highest mean Gaussian "
         "log-likelihood of held-out CIFAR-10 training patches (per dimension, averaged over layers), with mean "
         "aggregation and top-1 class scoring; 'selected k/n' counts the checkpoints where it was chosen. "
