@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from covguard.covariance import CovarianceConfig, QuadraticForm, _floor, _top_eigenpairs
-from covguard.stats import StreamingMoments
+from covguard.stats import Moments, StreamingMoments
 
 __all__ = ["ReducedClassMoments", "SharedBasisClassMoments", "reduced_quadratic_form"]
 
@@ -186,6 +186,20 @@ class SharedBasisClassMoments:
         self.basis = _top_eigenpairs(cov[None], self.rank)[1][0]  # (D, r)
         self._inside = StreamingMoments(self.rank, n_groups=self.n_classes, reduce_dtype=self.reduce_dtype)
         return self
+
+    def pooled_moments(self) -> Moments:
+        """The exact moments of every class merged into one (K = 1), from the first pass.
+
+        ``n = sum_k n_k``, ``mean = sum_k n_k mu_k / n`` and the total scatter: the pooled
+        within-class scatter plus the scatter of the class means, ``W + sum_k n_k (mu_k - mean)(mu_k - mean)^T``.
+        """
+        if self.within is None:
+            raise RuntimeError("no data: call update_pooled on the first pass before pooled_moments")
+        n = self.n.sum()
+        mean = (self.n[:, None] * self.mean).sum(0) / n  # (D,)
+        between = (self.mean - mean) * self.n[:, None].sqrt()  # (K, D)
+        scatter = (self.within + self.within.T) / 2 + between.T @ between  # (D, D)
+        return Moments(n[None], mean[None], scatter[None])
 
     def update(self, x: Tensor, weights: Tensor) -> SharedBasisClassMoments:
         """Pass 2: add a batch to the per-class moments of ``U^T x``.

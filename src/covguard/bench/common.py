@@ -24,6 +24,7 @@ __all__ = [
     "CIFAR_LAYERS",
     "CIFAR_MODELS",
     "FORMS",
+    "OWN_FIT_VARIANTS",
     "VARIANTS",
     "accuracy",
     "add_mixture",
@@ -65,7 +66,20 @@ VARIANTS: dict[str, tuple[str, dict]] = {
        for form, changes in FORMS.items()},
     "simple/full/max": ("simple_mahalanobis", {"aggregate": "max"}),
     "class-top1/full/max": ("class_mahalanobis_top1", {"aggregate": "max"}),
+    "simple/full/top10": ("simple_mahalanobis", {"aggregate": "topq", "top_fraction": 0.1}),
+    "class-top1/full/top10": ("class_mahalanobis_top1", {"aggregate": "topq", "top_fraction": 0.1}),
     "class-mixture/full/mean": ("class_mahalanobis_top1", {"scoring": "mixture"}),
+    # a fourth name part marks an option beyond covariance form and aggregation
+    "class-top1/full/mean/relative": ("class_mahalanobis_top1", {"relative": True}),  # shared form from the kept class moments
+    **{f"{kind}/full/mean/fusion-{fusion}": (det, {"fusion": fusion})
+       for kind, det in (("simple", "simple_mahalanobis"), ("class-top1", "class_mahalanobis_top1"))
+       for fusion in ("max", "gaussian")},
+}
+#: Variants the fitted state cannot give (other statistics): cloned with these changes and fitted
+#: on the same fit images, in one joint pass.
+OWN_FIT_VARIANTS: dict[str, tuple[str, dict]] = {
+    "simple/full/mean/normalized": ("simple_mahalanobis", {"normalize": "position"}),
+    "class-top1/full/mean/normalized": ("class_mahalanobis_top1", {"normalize": "position"}),
 }
 
 

@@ -10,8 +10,9 @@
 - Hyperparameters are fixed in :class:`OODConfig` before any OOD data is seen (the default
   ``protocol="fixed"``); ``protocol="validation"`` (or ``"both"``) adds OpenOOD v1.5's
   validation protocol, each method's configuration chosen on ID-val vs OOD-val
-  (:mod:`covguard.bench.validation`). The variant sweep (covariance form, shrinkage, rank, aggregation, class
-  scoring) derives every form from the same fitted moments; its ID-only selection rule: per
+  (:mod:`covguard.bench.validation`). The variant sweep (covariance form, shrinkage, rank,
+  aggregation, class scoring, relative distances, layer fusion) derives every form from the same
+  fitted moments; normalized features (``OWN_FIT_VARIANTS``) need their own fit. Its ID-only selection rule: per
   detector (Simple, Class top-1), the covariance form with the highest mean Gaussian
   log-likelihood of held-out in-distribution patches (per dimension, averaged over layers),
   with mean aggregation (the i.i.d.-patch likelihood) and top-1 class scoring fixed in advance.
@@ -31,7 +32,7 @@ import torch
 from torch import Tensor
 
 from covguard.bench.common import (
-    FORMS, VARIANTS, accuracy, baseline_detectors, fit_on_train, format_mean_std, load_cifar_model, mean_std, split_train,
+    FORMS, OWN_FIT_VARIANTS, VARIANTS, accuracy, baseline_detectors, fit_on_train, format_mean_std, load_cifar_model, mean_std, split_train,
     weights_description,
 )
 from covguard.bench.validation import (
@@ -42,7 +43,7 @@ from covguard.data.images import jpeg_matched
 from covguard.data.registry import load_set
 from covguard.data.synthetic import gaussian_noise, uniform_noise
 from covguard.detectors.likelihood import log_likelihood
-from covguard.detectors.multi import score_detectors
+from covguard.detectors.multi import fit_detectors, score_detectors
 from covguard.metrics import evaluate, fpr_at_95tpr_ood_positive
 from covguard.html_report import add_html_report
 from covguard.report import markdown_table, plot_histograms, plot_roc, write_json
@@ -168,8 +169,9 @@ def _evaluate_sets(scorer: Callable, id_scores: dict, ood_sets: dict) -> tuple[d
 
 
 def _variant_sweep(detectors: dict, train, sets: dict, x_id: Tensor, id_scores: dict, metrics: dict, cfg: OODConfig) -> dict:
-    """Per variant: held-out log-likelihood (the ID-only criterion) and AUROC per OOD set."""
-    _, hold = split_train(train, n_holdout=cfg.n_holdout, max_train=cfg.max_train, seed=cfg.seed, batch_size=cfg.batch_size)
+    """Per variant: held-out log-likelihood (the ID-only criterion; None for relative distances,
+    which have no density) and AUROC per OOD set."""
+    fit, hold = split_train(train, n_holdout=cfg.n_holdout, max_train=cfg.max_train, seed=cfg.seed, batch_size=cfg.batch_size)
     criterion_images = hold.images[: cfg.n_criterion].float() / 255
     built, same_as = {}, {}
     for name, (base, changes) in VARIANTS.items():
@@ -177,12 +179,17 @@ def _variant_sweep(detectors: dict, train, sets: dict, x_id: Tensor, id_scores: 
             same_as[name] = base
         else:
             built[name] = detectors[base].refit(holdout=hold, progress=cfg.progress, **changes)
+    own = {name: detectors[base].clone(**{"keep_moments": False, **changes}) for name, (base, changes) in OWN_FIT_VARIANTS.items()}
+    fit_detectors(list(own.values()), fit, holdout=hold, progress=cfg.progress)
+    built.update(own)
     every = {**{n: detectors[b] for n, b in same_as.items()}, **built}
     out = {}
     for name, det in every.items():
-        ll = torch.cat([log_likelihood(det, criterion_images[i : i + cfg.batch_size])
-                        for i in range(0, len(criterion_images), cfg.batch_size)])  # (n, n_layers)
-        out[name] = {"holdout_log_likelihood": ll.mean().item(), "auroc": {}}
+        ll = None
+        if not det.relative_distances:
+            ll = torch.cat([log_likelihood(det, criterion_images[i : i + cfg.batch_size])
+                            for i in range(0, len(criterion_images), cfg.batch_size)]).mean().item()  # of (n, n_layers)
+        out[name] = {"holdout_log_likelihood": ll, "auroc": {}}
     if built:
         own_id = score_detectors(built, x_id, batch_size=cfg.batch_size)
         for set_name, images in sets["ood"].items():
@@ -338,7 +345,8 @@ def _variants_markdown(models: dict) -> list[str]:
         row = {
             "variant": name,
             "ID rule": f"selected {chosen}/{len(per)}" if chosen else "",
-            "held-out log-lik / dim": format_mean_std([p["holdout_log_likelihood"] for p in per], scale=1.0, digits=3),
+            "held-out log-lik / dim": "" if per[0]["holdout_log_likelihood"] is None else
+            format_mean_std([p["holdout_log_likelihood"] for p in per], scale=1.0, digits=3),
         }
         for s in sets:
             row[s] = format_mean_std([p["auroc"][s] for p in per])
@@ -348,7 +356,8 @@ def _variants_markdown(models: dict) -> list[str]:
     return [
         "## Variant sweep (AUROC %, mean ± std over checkpoints)",
         "",
-        "Every variant comes from the same fitted moments (name: detector/covariance form/aggregation). "
+        "Every variant comes from the same fitted moments (name: detector/covariance form/aggregation[/option]), "
+        "but for the normalized features, fitted anew on the same images; relative distances have no likelihood. "
         "ID rule, fixed before scoring any OOD data: per detector, the form with the highest mean Gaussian "
         "log-likelihood of held-out CIFAR-10 training patches (per dimension, averaged over layers), with mean "
         "aggregation and top-1 class scoring; 'selected k/n' counts the checkpoints where it was chosen. "

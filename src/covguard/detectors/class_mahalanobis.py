@@ -7,9 +7,10 @@ from collections.abc import Iterable, Mapping
 
 from torch import Tensor, nn
 
+from covguard.covariance import QuadraticForm, quadratic_form
 from covguard.detectors.class_weights import CLASS_WEIGHTS, SCORINGS, ClassWeighting
 from covguard.detectors.patch import PatchMahalanobis
-from covguard.detectors.patch_gaussian import ExactAccumulator, SharedBasisAccumulator
+from covguard.detectors.patch_gaussian import ExactAccumulator, SharedBasisAccumulator, repair_degenerate
 
 __all__ = ["CLASS_WEIGHTS", "SCORINGS", "ClassMahalanobis"]
 
@@ -26,6 +27,16 @@ class ClassMahalanobis(PatchMahalanobis):
     ``sum_k pi_k d2_k`` over the ``top_m`` most probable classes (probabilities renormalized
     over them). Then the map is aggregated as in :class:`SimpleMahalanobis`.
 
+    Relative distances (``relative=True``, RMDS's idea per patch): each patch's class distance
+    minus its distance to the shared Gaussian of the layer, ``d2_class(p) - d2_shared(p)``
+    (``sum_k pi_k d2_k - d2_shared`` for ``mixture``: the weights sum to 1). The shared Gaussian
+    is the pool of the class moments: the moments of every fit patch with ``class_weights``
+    ``"label"`` or ``"probs"``, of the correctly classified images' patches with ``"correct"``;
+    it takes the same covariance form. What the class Gaussian explains no better than the
+    shared one (directions of generic image statistics) cancels. The map can be negative (a
+    patch closer to its class than to the pool); mean, max and top-q aggregation and the layer
+    fusion work as they do for absolute distances.
+
     Parameters
     ----------
     class_weights : {"label", "probs", "correct"}
@@ -38,8 +49,12 @@ class ClassMahalanobis(PatchMahalanobis):
         covariance inside it, in two passes over ``loader`` (which must be re-iterable).
         Memory ``D^2 + K (D + r^2)`` numbers instead of ``K D^2``: 100 classes at ``D = 4608``
         need 0.2 GB instead of 17 GB. Needs ``covariance="lowrank"`` (rank <= basis_rank) with
-        ``shrinkage="ridge"``; not distributed.
-    model, layers, covariance, rank, shrinkage, eps, kernel_size, padding, aggregate, keep_moments
+        ``shrinkage="ridge"``; not distributed. With ``relative``, the shared Gaussian is exact:
+        the pooled within-class scatter of the first pass plus the scatter of the class means.
+    relative : bool, default False
+        Score ``d2_class - d2_shared`` per patch (above). Adds one shared form per layer (one
+        more convolution at score); :attr:`background_forms_` holds them.
+    model, layers, covariance, rank, shrinkage, eps, kernel_size, padding, aggregate, top_fraction, normalize, fusion, keep_moments
         As :class:`~covguard.detectors.patch.PatchMahalanobis`.
     """
 
@@ -55,15 +70,20 @@ class ClassMahalanobis(PatchMahalanobis):
         kernel_size: int | Mapping[str, int] = 3,
         padding: int | Mapping[str, int] = 0,
         aggregate: str = "mean",
+        top_fraction: float = 0.1,
+        normalize: str = "none",
+        fusion: str = "sum",
         keep_moments: bool = False,
         class_weights: str = "label",
         scoring: str = "top1",
         top_m: int = 3,
         basis_rank: int | None = None,
+        relative: bool = False,
     ) -> None:
         super().__init__(
             model, layers=layers, covariance=covariance, rank=rank, shrinkage=shrinkage, eps=eps,
-            kernel_size=kernel_size, padding=padding, aggregate=aggregate, keep_moments=keep_moments,
+            kernel_size=kernel_size, padding=padding, aggregate=aggregate, top_fraction=top_fraction,
+            normalize=normalize, fusion=fusion, keep_moments=keep_moments,
         )
         if basis_rank is not None:
             if isinstance(basis_rank, bool) or not isinstance(basis_rank, int) or basis_rank < 1:
@@ -81,13 +101,20 @@ class ClassMahalanobis(PatchMahalanobis):
             raise ValueError(f"scoring must be one of {SCORINGS}; got {scoring!r}")
         if isinstance(top_m, bool) or not isinstance(top_m, int) or top_m < 1:
             raise ValueError(f"top_m must be an integer >= 1; got {top_m!r}")
+        if not isinstance(relative, bool):
+            raise ValueError(f"relative must be True or False; got {relative!r}")
         self.class_weights, self.scoring, self.top_m, self.basis_rank = class_weights, scoring, top_m, basis_rank
+        self.relative = relative
         self.weighting = ClassWeighting(class_weights, scoring, top_m)
         self.empty_classes_: dict[str, list[int]] = {}
 
     @property
     def supports_distributed(self) -> bool:  # reduced statistics do not all-reduce
         return self.basis_rank is None
+
+    @property
+    def relative_distances(self) -> bool:
+        return self.relative
 
     @property
     def fit_passes(self) -> int:
@@ -97,6 +124,12 @@ class ClassMahalanobis(PatchMahalanobis):
         if self.basis_rank is None:
             return ExactAccumulator(dim, n_groups)
         return SharedBasisAccumulator(dim, n_groups, self.basis_rank)
+
+    def _background_form(self, layer: str, acc: ExactAccumulator | SharedBasisAccumulator) -> QuadraticForm | None:
+        """With ``relative``: the form of the pooled class moments (K = 1), in this covariance form."""
+        if not self.relative:
+            return None
+        return quadratic_form(repair_degenerate(layer, acc.pooled_moments()), self.config)
 
     def _fit_begin(self) -> None:
         super()._fit_begin()

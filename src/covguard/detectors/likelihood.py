@@ -31,8 +31,15 @@ def log_likelihood(detector: PatchMahalanobis, x: Tensor) -> Tensor:
     Returns
     -------
     Tensor of shape (N, L), float64
+
+    Raises
+    ------
+    ValueError
+        For relative distances (a difference of two squared distances is no density).
     """
     check_is_fitted(detector)
+    if detector.relative_distances:
+        raise ValueError("log_likelihood needs absolute distances; the detector scores relative ones (relative=True)")
     logits, feats = detector.forward(x)
     maps = detector.distance_maps_features(logits, feats)
     weights = detector.weighting.at_score(logits)  # (N, K) or None

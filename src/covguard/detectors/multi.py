@@ -44,8 +44,8 @@ def fit_detectors(
         In-distribution training images (and labels); re-iterable when a detector reads it
         more than once.
     holdout : iterable, optional
-        Held-out in-distribution images that standardize the layers of multi-layer patch
-        detectors (as :meth:`PatchMahalanobis.fit`); ``loader`` is used again when None.
+        Held-out in-distribution images that fit the layer fusion of patch detectors that need
+        one (as :meth:`PatchMahalanobis.fit`); ``loader`` is used again when None.
     progress : bool
 
     Returns
@@ -81,9 +81,9 @@ def fit_detectors(
                 det.fit_moments({layer: moments[layer].pooled() for layer in det.layers}, input_shape=shape)
         for det in fed:
             det.finish_fit(input_shape=shape)
-    multi_layer = [det for det in fitted if isinstance(det, PatchMahalanobis) and len(det.layers) > 1]
-    if multi_layer:
-        _standardize(multi_layer, model, holdout if holdout is not None else loader, progress)
+    fused = [det for det in fitted if isinstance(det, PatchMahalanobis) and det.needs_holdout]
+    if fused:
+        _standardize(fused, model, holdout if holdout is not None else loader, progress)
     return detectors
 
 
@@ -109,7 +109,8 @@ def _batches(
 
 def _pooled_sources(detectors: Sequence[Detector]) -> dict[Detector, ClassMahalanobis]:
     """Simple detectors whose moments equal the pooled moments of a label-weighted one-pass Class
-    detector of the same layers and patch geometry: {Simple detector: that Class detector}."""
+    detector of the same layers, patch geometry and feature normalization: {Simple detector: that
+    Class detector}."""
     sources = [
         det for det in detectors
         if isinstance(det, ClassMahalanobis) and det.class_weights == "label" and det.fit_passes == 1
@@ -119,7 +120,7 @@ def _pooled_sources(detectors: Sequence[Detector]) -> dict[Detector, ClassMahala
         if type(det) is not SimpleMahalanobis:
             continue
         for src in sources:
-            if all(
+            if src.normalize == det.normalize and all(
                 layer in src.gaussians
                 and (src.gaussians[layer].kernel_size, src.gaussians[layer].padding)
                 == (det.gaussians[layer].kernel_size, det.gaussians[layer].padding)

@@ -7,12 +7,12 @@
 - a group-weighting policy (:mod:`covguard.detectors.class_weights`): which group statistics an
   image feeds at fit, which Gaussians its patches are measured against at score;
 - a :class:`~covguard.detectors.layer_fusion.LayerFusion`: per-layer scores z-scored on held-out
-  in-distribution data and summed.
+  in-distribution data and summed (or their maximum, or a Gaussian of the layer-score vector).
 
 The score path, features level then model level::
 
     distance_maps_features(logits, feats)  {layer: (N, H', W')} squared patch distances
-    layer_scores_features(logits, feats)   (N, L) float64, each map aggregated (mean or max)
+    layer_scores_features(logits, feats)   (N, L) float64, each map aggregated (mean, max, top-q mean)
     score_features(logits, feats)          (N,) fused, in the model's dtype
 
     distance_maps(x), layer_scores(x), score(x)  the same from images
@@ -30,20 +30,20 @@ import torch
 from torch import Tensor, nn
 
 from covguard.covariance import CovarianceConfig, QuadraticForm
+from covguard.detectors.aggregation import AGGREGATES, aggregate_map, check_top_fraction
 from covguard.detectors.base import Detector, check_is_fitted, warn_nonfinite
 from covguard.detectors.distributed import sync_shards, use_distributed
 from covguard.detectors.class_weights import ClassWeighting, SharedGroup
-from covguard.detectors.layer_fusion import LayerFusion, check_layer_scores
-from covguard.detectors.patch_gaussian import ExactAccumulator, PatchGaussian, per_layer, saturate
+from covguard.detectors.layer_fusion import FUSIONS, LayerFusion, check_layer_scores
+from covguard.detectors.patch_gaussian import NORMALIZATIONS, ExactAccumulator, PatchGaussian, per_layer, saturate
+from covguard.detectors.patch_state import PatchState
 from covguard.features import model_device, model_dtype, parameter_sha256
 from covguard.stats import Moments, all_reduce_moments, batch_moments, zero_moments
 
-__all__ = ["AGGREGATES", "PatchMahalanobis"]
-
-AGGREGATES = ("mean", "max")
+__all__ = ["AGGREGATES", "FUSIONS", "NORMALIZATIONS", "PatchMahalanobis"]
 
 
-class PatchMahalanobis(Detector):
+class PatchMahalanobis(PatchState, Detector):
     """Base of :class:`SimpleMahalanobis` and :class:`ClassMahalanobis`.
 
     Parameters
@@ -62,8 +62,20 @@ class PatchMahalanobis(Detector):
         Patch side ``k``; 1 scores single positions (e.g. pooled penultimate features).
     padding : int or mapping of layer -> int
         Zero padding of each map before patch extraction.
-    aggregate : {"mean", "max"}
-        How the per-patch map becomes one score per image and layer.
+    aggregate : {"mean", "max", "topq"}
+        Per-patch map -> one score per image and layer: the mean, the maximum, or the mean of
+        the ``max(1, round(top_fraction * L))`` largest (:mod:`~covguard.detectors.aggregation`).
+    top_fraction : float, default 0.1
+        Share of the patches averaged by ``"topq"``, in (0, 1]; unused otherwise.
+    normalize : {"none", "position"}
+        ``"position"`` (Mahalanobis++): each position's channel vector divided by its L2 norm
+        plus ``1e-12`` before patches are formed, at fit and at score
+        (:func:`~covguard.detectors.patch_gaussian.normalize_positions`). Needs its own fit.
+    fusion : {"sum", "max", "gaussian"}
+        Layer scores z-scored on held-out images -> one score: their sum, their maximum, or the
+        squared Mahalanobis distance of the layer-score vector to a Gaussian of the held-out ones
+        (two-sided; :mod:`~covguard.detectors.layer_fusion`). One layer: its raw score, but for
+        ``"gaussian"`` (which then needs held-out images too).
     keep_moments : bool
         Keep the fitted moments (``moments_``, float64: ``K D^2`` numbers per layer) so that
         :meth:`refit` derives other covariance forms without another pass over the data.
@@ -89,6 +101,9 @@ class PatchMahalanobis(Detector):
         kernel_size: int | Mapping[str, int] = 3,
         padding: int | Mapping[str, int] = 0,
         aggregate: str = "mean",
+        top_fraction: float = 0.1,
+        normalize: str = "none",
+        fusion: str = "sum",
         keep_moments: bool = False,
     ) -> None:
         super().__init__(model, layers=layers)
@@ -96,63 +111,27 @@ class PatchMahalanobis(Detector):
             raise ValueError("layers must name at least one module")
         if aggregate not in AGGREGATES:
             raise ValueError(f"aggregate must be one of {AGGREGATES}; got {aggregate!r}")
+        check_top_fraction(top_fraction)
+        if normalize not in NORMALIZATIONS:
+            raise ValueError(f"normalize must be one of {NORMALIZATIONS}; got {normalize!r}")
+        if fusion not in FUSIONS:
+            raise ValueError(f"fusion must be one of {FUSIONS}; got {fusion!r}")
         self.covariance, self.rank, self.shrinkage, self.eps = covariance, rank, shrinkage, eps
         self.config = CovarianceConfig(form=covariance, shrinkage=shrinkage, eps=eps, rank=rank)
         self.kernel_size, self.padding = kernel_size, padding
-        self.aggregate = aggregate
+        self.aggregate, self.top_fraction = aggregate, top_fraction
+        self.normalize, self.fusion = normalize, fusion
         self.keep_moments = keep_moments
         sizes = per_layer(kernel_size, self.layers, "kernel_size")
         pads = per_layer(padding, self.layers, "padding")
-        self.gaussians = {layer: PatchGaussian(layer, kernel_size=sizes[layer], padding=pads[layer]) for layer in self.layers}
+        self.gaussians = {
+            layer: PatchGaussian(layer, kernel_size=sizes[layer], padding=pads[layer], normalize=normalize) for layer in self.layers
+        }
         self.weighting: SharedGroup | ClassWeighting = SharedGroup()
-        self.fusion = LayerFusion(len(self.layers))
+        self.layer_fusion = LayerFusion(len(self.layers), fusion)
         self.moments_: dict[str, Moments] = {}
         self.model_sha256_: str | None = None
         self._accumulators: dict = {}
-
-    # ---- learned state ----------------------------------------------------------------------
-
-    @property
-    def forms_(self) -> dict[str, QuadraticForm]:
-        """The fitted form of each layer (CPU, float64)."""
-        return {layer: g.form_ for layer, g in self.gaussians.items() if g.form_ is not None}
-
-    @property
-    def channels_(self) -> dict[str, int]:
-        """Channels ``C`` of each fitted layer."""
-        return {layer: g.channels_ for layer, g in self.gaussians.items() if g.channels_ is not None}
-
-    @property
-    def score_mean_(self) -> Tensor | None:
-        """Mean of each layer's score over held-out images, (L,) float64."""
-        return self.fusion.mean_
-
-    @property
-    def score_std_(self) -> Tensor | None:
-        """Standard deviation of each layer's score over held-out images, (L,) float64."""
-        return self.fusion.std_
-
-    @property
-    def is_fitted(self) -> bool:
-        return len(self.forms_) == len(self.layers) and self.fusion.is_fitted
-
-    def set_state(
-        self,
-        forms: Mapping[str, QuadraticForm],
-        channels: Mapping[str, int],
-        *,
-        score_mean: Tensor,
-        score_std: Tensor,
-        input_shape: tuple[int, int, int],
-        model_sha256: str | None,
-    ) -> None:
-        """Install a learned state (as :mod:`covguard.persistence` reads it from a file)."""
-        for layer, g in self.gaussians.items():
-            g.set_form(forms[layer], int(channels[layer]))
-        self.fusion.set(score_mean, score_std)
-        self.input_shape_ = tuple(input_shape)
-        self.model_sha256_ = model_sha256
-        self.fitted_ = True
 
     # ---- fitting ------------------------------------------------------------------------------
 
@@ -166,9 +145,10 @@ class PatchMahalanobis(Detector):
         loader : iterable of Tensor (N, C, H, W) or of tuples (x, y)
             In-distribution training images.
         holdout : iterable, optional
-            Held-out in-distribution images used to standardize each layer's score before the
-            layers are summed. With several layers and no ``holdout``, ``loader`` is scored a
-            second time for this (distances of training images are slightly optimistic).
+            Held-out in-distribution images that fit the layer fusion (each layer's mean and
+            std, and the Gaussian of ``fusion="gaussian"``). With several layers (or a Gaussian)
+            and no ``holdout``, ``loader`` is scored a second time for this (distances of
+            training images are slightly optimistic).
         progress : bool
             Show progress bars.
         distributed : bool, optional
@@ -183,12 +163,35 @@ class PatchMahalanobis(Detector):
             ``self``.
         """
         super().fit(loader, progress=progress, distributed=distributed)
-        if len(self.layers) == 1:
-            return self
-        distributed = use_distributed(distributed)
+        if self.needs_holdout:
+            source = holdout if holdout is not None else loader
+            self.standardize(source, progress=progress, distributed=use_distributed(distributed))
+        return self
+
+    @property
+    def needs_holdout(self) -> bool:
+        """Whether fitting the layer fusion needs held-out layer scores (several layers, or
+        ``fusion="gaussian"``); otherwise the fusion is the identity of the one layer score."""
+        return self.layer_fusion.needs_holdout
+
+    def set_standardization(self, layer_scores: Tensor) -> None:
+        """Fit the layer fusion on held-out in-distribution images: each layer's mean and std
+        (and the Gaussian of ``fusion="gaussian"``).
+
+        Parameters
+        ----------
+        layer_scores : Tensor of shape (N, L)
+            Layer scores (as :meth:`layer_scores_features` returns them) of N >= 2 held-out
+            in-distribution images.
+        """
+        self.layer_fusion.fit(layer_scores)
+
+    def standardize(self, holdout: Iterable, *, progress: bool = False, distributed: bool = False) -> None:
+        """Fit the layer fusion on held-out in-distribution images (one scoring pass); with
+        ``distributed``, on the union of every rank's ``holdout`` (all-reduced moments)."""
         per_layer, error = torch.zeros(0, len(self.layers), dtype=torch.float64), None
         try:
-            batches = self._forward_loader(holdout if holdout is not None else loader, progress, "standardize")
+            batches = self._forward_loader(holdout, progress, "standardize")
             rows = [self.layer_scores_features(logits, feats).cpu() for _, logits, feats, _ in batches]
             if rows:
                 per_layer = torch.cat(rows)  # (N, L)
@@ -199,39 +202,21 @@ class PatchMahalanobis(Detector):
             error = err
         if not distributed:
             self.set_standardization(per_layer)
-            return self
+            return
         device = model_device(self.model)
         sync_shards(error, None, device)
         local = batch_moments(per_layer.to(device)) if len(per_layer) else zero_moments(len(self.layers), device=device)
-        self.fusion.fit_moments(all_reduce_moments(local))
-        return self
-
-    def set_standardization(self, layer_scores: Tensor) -> None:
-        """Standardize each layer's score with its mean and std over held-out in-distribution images.
-
-        Parameters
-        ----------
-        layer_scores : Tensor of shape (N, L)
-            Layer scores (as :meth:`layer_scores_features` returns them) of N >= 2 held-out
-            in-distribution images.
-        """
-        self.fusion.fit(layer_scores)
-
-    def standardize(self, holdout: Iterable, *, progress: bool = False) -> None:
-        """Standardize the layer scores on held-out in-distribution images (one scoring pass)."""
-        batches = self._forward_loader(holdout, progress, "standardize")
-        rows = [self.layer_scores_features(logits, feats).cpu() for _, logits, feats, _ in batches]
-        self.set_standardization(torch.cat(rows) if rows else torch.zeros(0, len(self.layers)))
+        self.layer_fusion.fit_moments(all_reduce_moments(local))
 
     def _new_accumulator(self, dim: int, n_groups: int):
         return ExactAccumulator(dim, n_groups)
 
     def _fit_begin(self) -> None:
         self._accumulators, self.moments_ = {}, {}
-        self.fusion = LayerFusion(len(self.layers))
+        self.layer_fusion = LayerFusion(len(self.layers), self.fusion)
         self.model_sha256_ = None
         for g in self.gaussians.values():
-            g.form_, g.channels_ = None, None
+            g.form_, g.background_, g.channels_ = None, None, None
 
     def _fit_prepare(self, logits: Tensor, feats: dict[str, Tensor]) -> None:
         for layer, f in feats.items():
@@ -261,10 +246,15 @@ class PatchMahalanobis(Detector):
         """Groups of total weight 0 that take the pooled statistics (none for a shared group)."""
         return []
 
+    def _background_form(self, layer: str, acc: ExactAccumulator) -> QuadraticForm | None:
+        """The shared form relative distances subtract (None: absolute distances)."""
+        return None
+
     def _fit_end(self) -> None:
         for layer, acc in self._accumulators.items():
             g = self.gaussians[layer]
-            g.set_form(acc.form(layer, self.config, self._empty_groups(layer, acc.counts())), g.channels_)
+            form = acc.form(layer, self.config, self._empty_groups(layer, acc.counts()))
+            g.set_form(form, g.channels_, self._background_form(layer, acc))
         if self.keep_moments:
             self.moments_ = {
                 layer: Moments(acc.moments.n.cpu(), acc.moments.mean.cpu(), acc.moments.scatter.cpu())
@@ -313,48 +303,31 @@ class PatchMahalanobis(Detector):
     def refit(self, *, holdout: Iterable | None, progress: bool = False, **changes: Any) -> PatchMahalanobis:
         """A fitted copy with other hyperparameters, derived from the fitted state (no pass over the fit data).
 
-        Scoring changes (``aggregate``; for a Class detector ``scoring``, ``top_m``) reuse the
-        fitted forms; estimation changes (``covariance``, ``rank``, ``shrinkage``, ``eps``)
-        re-estimate them from the kept moments (``keep_moments=True``). Either way the copy's
-        layer scores are standardized anew on ``holdout``.
+        Scoring changes (``aggregate``, ``top_fraction``, ``fusion``; Class: ``scoring``,
+        ``top_m``, ``relative=False``) reuse the fitted forms; estimation changes (``covariance``,
+        ``rank``, ``shrinkage``, ``eps``; Class: ``relative=True``) re-estimate them from the kept
+        moments (``keep_moments=True``); the layers, the patch geometry, ``normalize`` and what
+        the statistics were accumulated with need a new fit (:mod:`~covguard.detectors.refit`).
+        The copy's layer fusion is fitted anew on ``holdout``.
 
         Parameters
         ----------
         holdout : iterable or None
-            Held-out in-distribution images that standardize the copy's layer scores (as in
-            :meth:`fit`); may be None for a single layer.
+            Held-out in-distribution images for the copy's layer fusion (as in :meth:`fit`);
+            may be None where it needs none (one layer, not ``fusion="gaussian"``).
         progress : bool
             Progress bar of the standardization pass.
         **changes
-            Constructor parameters to change; not the layers, the patch geometry or what the
-            statistics were accumulated with, which the fitted state fixes.
+            Constructor parameters to change.
 
         Returns
         -------
         PatchMahalanobis
             A fitted detector of the same class, sharing the model, the forms or the moments.
         """
-        check_is_fitted(self)
-        fixed = sorted(set(changes) & {"layers", "kernel_size", "padding", "class_weights", "basis_rank", "keep_moments"})
-        if fixed:
-            raise ValueError(f"refit cannot change {fixed}: the fitted statistics fix them; fit a new detector")
-        estimation = sorted(set(changes) & {"covariance", "rank", "shrinkage", "eps"})
-        if estimation and not self.moments_:
-            raise ValueError(f"refit of {estimation} needs the fitted moments: construct the detector with keep_moments=True")
-        if holdout is None and len(self.layers) > 1:
-            raise ValueError("holdout must hold in-distribution images to standardize the layer scores of several layers")
-        other = self.clone(**changes)
-        if estimation:
-            other.fit_moments(self.moments_, input_shape=self.input_shape_)
-        else:
-            other.set_state(
-                self.forms_, self.channels_, score_mean=self.fusion.mean_, score_std=self.fusion.std_,
-                input_shape=self.input_shape_, model_sha256=self.model_sha256_,
-            )
-            other.moments_ = self.moments_
-        if len(self.layers) > 1:
-            other.standardize(holdout, progress=progress)
-        return other
+        from covguard.detectors.refit import refit_patch_detector
+
+        return refit_patch_detector(self, holdout=holdout, progress=progress, changes=changes)
 
     # ---- scoring ------------------------------------------------------------------------------
 
@@ -378,19 +351,18 @@ class PatchMahalanobis(Detector):
             check_is_fitted(self)
         cols = []
         for m, ok in self._raw_maps(logits, feats).values():
-            flat = m.flatten(1)  # (N, H' W')
-            s = flat.mean(1, dtype=torch.float64) if self.aggregate == "mean" else flat.amax(1).double()  # (N,)
+            s = aggregate_map(m, self.aggregate, self.top_fraction)  # (N,) float64
             cols.append(s if ok is None else saturate(s, ok, torch.float64).masked_fill(~ok, float("inf")))
         return torch.stack(cols, dim=1)  # (N, L)
 
     def combine(self, layer_scores: Tensor) -> Tensor:
-        """The fused score (N,) in the model's dtype from layer scores (N, L): the sum of z-scored
-        layer scores (the raw score for one layer), computed in float64 and saturating at the
-        dtype's largest finite value; +inf (warned) where a layer score is not finite
-        (non-finite activations)."""
+        """The fused score (N,) in the model's dtype from layer scores (N, L): the sum (maximum,
+        Gaussian distance: ``fusion``) of z-scored layer scores (the raw score for one layer),
+        computed in float64 and saturating at the dtype's largest finite value; +inf (warned)
+        where a layer score is not finite (non-finite activations)."""
         check_is_fitted(self)
         bad = ~torch.isfinite(layer_scores).all(1)  # (N,)
-        fused = self.fusion.combine(layer_scores)  # (N,) float64
+        fused = self.layer_fusion.combine(layer_scores)  # (N,) float64
         return warn_nonfinite(saturate(fused, ~bad, model_dtype(self.model)), bad)
 
     def score_features(self, logits: Tensor, feats: dict[str, Tensor]) -> Tensor:

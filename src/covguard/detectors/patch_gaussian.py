@@ -5,7 +5,9 @@ zero-padded map, ``D = C k^2``), an accumulator of the moments of its patch vect
 :class:`ExactAccumulator` keeps the exact moments of every group, :class:`SharedBasisAccumulator`
 the reduced class statistics of :mod:`covguard.class_stats` in two passes), the fitted
 :class:`~covguard.covariance.QuadraticForm` of each group, and the squared-distance map of new
-feature maps.
+feature maps. Options: each position's channel vector divided by its L2 norm before patches are
+formed (``normalize="position"``, at fit and at score alike), and a shared *background* form
+whose distance is subtracted from every patch's (relative distances).
 
 Numerics at scoring time: distances are computed in the features' dtype, except when the
 form does not fit that dtype (activations near 1e30 give precisions near 1e-60, which float32
@@ -27,7 +29,39 @@ from covguard.covariance import CovarianceConfig, QuadraticForm, quadratic_form
 from covguard.patches import output_size, patch_mahalanobis_sq, patch_vectors
 from covguard.stats import Moments, StreamingMoments
 
-__all__ = ["ExactAccumulator", "PatchGaussian", "SharedBasisAccumulator", "fill_groups", "per_layer", "repair_degenerate", "saturate"]
+__all__ = [
+    "NORMALIZATIONS",
+    "NORMALIZE_EPS",
+    "ExactAccumulator",
+    "PatchGaussian",
+    "SharedBasisAccumulator",
+    "fill_groups",
+    "normalize_positions",
+    "per_layer",
+    "repair_degenerate",
+    "saturate",
+]
+
+NORMALIZATIONS = ("none", "position")
+#: Added to each position's L2 norm by ``normalize="position"``: an all-zero channel vector
+#: (a dead ReLU position) stays zero instead of dividing by zero.
+NORMALIZE_EPS = 1e-12
+
+
+def normalize_positions(f: Tensor) -> Tensor:
+    """Each position's channel vector divided by its L2 norm plus :data:`NORMALIZE_EPS`.
+
+    Parameters
+    ----------
+    f : Tensor of shape (N, C, H, W)
+
+    Returns
+    -------
+    Tensor of shape (N, C, H, W)
+        In the dtype of ``f``; the norms are reduced in float64 (no overflow of the squares).
+    """
+    norm = torch.linalg.vector_norm(f, dim=1, keepdim=True, dtype=torch.float64)  # (N, 1, H, W)
+    return f / (norm + NORMALIZE_EPS).to(f.dtype)
 
 
 def fill_groups(moments: Moments, groups: list[int]) -> Moments:
@@ -124,6 +158,10 @@ class ExactAccumulator:
         """The fitted form; ``empty`` groups take the pooled statistics."""
         return quadratic_form(repair_degenerate(layer, fill_groups(self._acc.moments, empty)), config)
 
+    def pooled_moments(self) -> Moments:
+        """The moments of every group merged into one (K = 1): the shared statistics."""
+        return self._acc.moments.pooled()
+
 
 class SharedBasisAccumulator:
     """Reduced class statistics (:class:`~covguard.class_stats.SharedBasisClassMoments`) in two passes.
@@ -157,6 +195,11 @@ class SharedBasisAccumulator:
         stats = self._acc.result()
         return reduced_quadratic_form(stats.with_pooled(empty) if empty else stats, config)
 
+    def pooled_moments(self) -> Moments:
+        """The exact moments of all groups merged (K = 1), from the first pass: within-class
+        scatter plus the scatter of the class means."""
+        return self._acc.pooled_moments()
+
 
 class PatchGaussian:
     """The patch Gaussians of one layer: geometry, the fitted form, and squared-distance maps.
@@ -168,14 +211,18 @@ class PatchGaussian:
     kernel_size : int
         Patch side ``k``.
     padding : int
-        Zero padding of the map before patch extraction.
+        Zero padding of the map before patch extraction (after normalization).
+    normalize : {"none", "position"}
+        ``"position"``: divide each position's channel vector by its L2 norm
+        (:func:`normalize_positions`) before patches are formed, at fit and at score.
     """
 
-    def __init__(self, layer: str, *, kernel_size: int, padding: int) -> None:
-        self.layer, self.kernel_size, self.padding = layer, kernel_size, padding
+    def __init__(self, layer: str, *, kernel_size: int, padding: int, normalize: str = "none") -> None:
+        self.layer, self.kernel_size, self.padding, self.normalize = layer, kernel_size, padding, normalize
         self.channels_: int | None = None
         self.form_: QuadraticForm | None = None
-        self._cache: dict[tuple, QuadraticForm] = {}
+        self.background_: QuadraticForm | None = None  # shared form subtracted (relative distances)
+        self._cache: dict[tuple, tuple[QuadraticForm, QuadraticForm | None]] = {}
 
     def check_map(self, f: Tensor) -> None:
         """Raise ValueError unless ``f`` is a map (N, C, H, W) large enough, with the fitted C."""
@@ -190,46 +237,57 @@ class PatchGaussian:
         if self.channels_ is not None and self.channels_ != f.shape[1]:
             raise ValueError(f"layer {self.layer!r} must have C={self.channels_} channels (as at fit); got {f.shape[1]}")
 
+    def _prepare(self, f: Tensor) -> Tensor:
+        """The map patches are formed from: ``f`` itself or position-normalized."""
+        return normalize_positions(f) if self.normalize == "position" else f
+
     def patches(self, f: Tensor, weights: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """Patch vectors (N L, D) of a map (N, C, H, W) and their group weights (N L, K) from
         per-image weights (N, K), or None for one group."""
-        p = patch_vectors(f, kernel_size=self.kernel_size, padding=self.padding)  # (N, L, D)
+        p = patch_vectors(self._prepare(f), kernel_size=self.kernel_size, padding=self.padding)  # (N, L, D)
         w = None if weights is None else weights.repeat_interleave(p.shape[1], dim=0)  # (N L, K)
         return p.reshape(-1, p.shape[-1]), w  # (N L, D)
 
-    def set_form(self, form: QuadraticForm, channels: int) -> None:
-        """Store the fitted form on the CPU, contiguous as a loaded file gives it (the same
-        memory layout gives bit-identical scores)."""
-        fields = (form.mean, form.proj, form.gain, form.diag)
-        self.form_ = QuadraticForm(*(None if t is None else t.cpu().contiguous() for t in fields))
+    def set_form(self, form: QuadraticForm, channels: int, background: QuadraticForm | None = None) -> None:
+        """Store the fitted form (and the background form of relative distances, K = 1) on the
+        CPU, contiguous as a loaded file gives it (the same memory layout gives bit-identical scores)."""
+        self.form_ = _stored(form)
+        self.background_ = None if background is None else _stored(background)
         self.channels_ = channels
         self._cache = {}
 
-    def _form_for(self, dtype: torch.dtype, device: torch.device) -> QuadraticForm:
-        """The form in ``dtype`` on ``device``, or in float64 where ``dtype`` cannot hold it."""
+    def _forms_for(self, dtype: torch.dtype, device: torch.device) -> tuple[QuadraticForm, QuadraticForm | None]:
+        """The forms in ``dtype`` on ``device``, or in float64 where ``dtype`` cannot hold one."""
         key = (dtype, device)
         if key not in self._cache:
-            self._cache = {key: self.form_.to(dtype if _fits(self.form_, dtype) else torch.float64, device)}
+            fits = _fits(self.form_, dtype) and (self.background_ is None or _fits(self.background_, dtype))
+            use = dtype if fits else torch.float64
+            self._cache = {key: (self.form_.to(use, device), None if self.background_ is None else self.background_.to(use, device))}
         return self._cache[key]
 
-    def _map(self, f: Tensor, form: QuadraticForm, weights: Tensor | None) -> Tensor:
-        """Squared distances (N, H', W') in the dtype of ``form``."""
+    def _map(self, f: Tensor, forms: tuple[QuadraticForm, QuadraticForm | None], weights: Tensor | None) -> Tensor:
+        """Squared distances (N, H', W') in the dtype of the forms, less the background's."""
+        form, background = forms
         f = f.to(form.mean.dtype)
         geometry = {"kernel_size": self.kernel_size, "padding": self.padding}
         if weights is None:
-            return patch_mahalanobis_sq(f, form, **geometry)[:, 0]  # (N, H', W')
-        weights = weights.to(form.mean.dtype)
-        size = [output_size(n, self.kernel_size, self.padding) for n in f.shape[-2:]]
-        out = torch.zeros(f.shape[0], *size, dtype=f.dtype, device=f.device)  # (N, H', W')
-        # Score each image only against the groups it weights: K times less work for top-1.
-        for k in (weights > 0).any(0).nonzero().flatten().tolist():
-            rows = (weights[:, k] > 0).nonzero().flatten()
-            d2 = patch_mahalanobis_sq(f[rows], form.group(k), **geometry)[:, 0]  # (n_k, H', W')
-            out.index_add_(0, rows, d2 * weights[rows, k, None, None])
+            out = patch_mahalanobis_sq(f, form, **geometry)[:, 0]  # (N, H', W')
+        else:
+            weights = weights.to(form.mean.dtype)
+            size = [output_size(n, self.kernel_size, self.padding) for n in f.shape[-2:]]
+            out = torch.zeros(f.shape[0], *size, dtype=f.dtype, device=f.device)  # (N, H', W')
+            # Score each image only against the groups it weights: K times less work for top-1.
+            for k in (weights > 0).any(0).nonzero().flatten().tolist():
+                rows = (weights[:, k] > 0).nonzero().flatten()
+                d2 = patch_mahalanobis_sq(f[rows], form.group(k), **geometry)[:, 0]  # (n_k, H', W')
+                out.index_add_(0, rows, d2 * weights[rows, k, None, None])
+        if background is not None:  # the weights of each image sum to 1: sum_k w_k (d2_k - d2_shared)
+            out = out - patch_mahalanobis_sq(f, background, **geometry)[:, 0]  # (N, H', W')
         return out
 
     def distance_map(self, f: Tensor, weights: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        """Squared distance of every patch and which images have finite activations.
+        """Squared distance of every patch (less the background's, for relative distances) and
+        which images have finite activations.
 
         Every activation lies in some patch and reaches its distance with a nonzero weight, so a
         non-finite activation always gives a non-finite distance: the (C times larger) feature
@@ -245,22 +303,31 @@ class PatchGaussian:
         -------
         map : Tensor of shape (N, H', W')
             In the features' dtype, or float64 where the form needs it; finite wherever the
-            activations are finite, except where float64 itself overflows.
+            activations are finite, except where float64 itself overflows. Non-negative but for
+            relative distances (a difference of two squared distances).
         finite : BoolTensor of shape (N,) or None
             Images whose activations are finite; None when every distance is finite.
         """
         self.check_map(f)
-        m = self._map(f, self._form_for(f.dtype, f.device), weights)  # (N, H', W')
+        x = self._prepare(f)
+        m = self._map(x, self._forms_for(f.dtype, f.device), weights)  # (N, H', W')
         bad = ~torch.isfinite(m).flatten(1).all(1)  # (N,)
         if not bool(bad.any()):
             return m, None
         ok = torch.isfinite(f).flatten(1).all(1)  # (N,)
         redo = (ok & bad).nonzero().flatten()
         if len(redo) and m.dtype != torch.float64:  # overflow in the features' dtype: recompute in float64
-            form64 = self.form_.to(torch.float64, f.device)
+            bg = self.background_
+            forms64 = (self.form_.to(torch.float64, f.device), None if bg is None else bg.to(torch.float64, f.device))
             w64 = None if weights is None else weights[redo]
-            m = m.double().index_copy(0, redo, self._map(f[redo], form64, w64))
+            m = m.double().index_copy(0, redo, self._map(x[redo], forms64, w64))
         return m, ok
+
+
+def _stored(form: QuadraticForm) -> QuadraticForm:
+    """``form`` on the CPU, every tensor contiguous."""
+    fields = (form.mean, form.proj, form.gain, form.diag)
+    return QuadraticForm(*(None if t is None else t.cpu().contiguous() for t in fields))
 
 
 def _fits(form: QuadraticForm, dtype: torch.dtype) -> bool:
