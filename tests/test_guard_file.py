@@ -110,7 +110,7 @@ def edit_json(key, function):
         (edit_json("input_shape", lambda v: v.__setitem__(1, -32)), r"input_shape \[1, -32, 8\] must be an integer"),
         (edit_json("input_shape", lambda v: v.__setitem__(slice(1, 3), [60000, 60000])), "exceeds 4096 channels or 4194304 pixels"),
         ({"tensors": {"forms/block1/mean": torch.zeros(1, 27, dtype=torch.float64)}}, r"'forms/block1/mean' has shape \(1, 27\); expected \(1, 36\)"),
-        ({"drop": ["forms/block2/gain"]}, "the tensors of layer 'block2' are missing"),
+        ({"drop": ["forms/block2/gain"]}, "the forms tensors of layer 'block2' are missing"),
         (edit_json("hyperparameters", lambda v: v.update(bogus=1)), "hyperparameters that SimpleMahalanobis refuses"),
         (edit_json("hyperparameters", lambda v: v.update(kernel_size={"block1": 3, "block2": 2.7})), "kernel_size of layer 'block2'"),
         (edit_json("hyperparameters", lambda v: v.update(eps="0.01")), "hyperparameters that SimpleMahalanobis refuses"),

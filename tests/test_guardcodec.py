@@ -342,3 +342,24 @@ def test_calibration_is_checked_for_fused_guards_too(tiny_model, fused_guard, tm
     with pytest.raises(GuardFileError, match="calibration n must be a positive integer"):
         cg.load_guard(bad, tiny_model)
     assert Calibration.from_dict(json.loads(read_metadata(fused_guard[1])["calibration"])).tpr == 0.9
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"fusion": "gaussian"}, {"relative": True}, {"aggregate": "topq", "top_fraction": 0.2, "normalize": "position"}],
+    ids=["gaussian-fusion", "relative", "topq-normalized"],
+)
+def test_detector_variants_round_trip_bit_identically(tiny_model, images, tmp_path, options):
+    x, y = images
+    det = cg.ClassMahalanobis(tiny_model, layers=["block1", "block2"], **options)
+    det.fit([(x[:160], y[:160])], holdout=[x[160:]], progress=False)
+    loaded = cg.load(cg.save(det, tmp_path / "variant.safetensors"), tiny_model)
+    assert loaded.get_params() == det.get_params()
+    assert torch.equal(loaded.score(x[:20]), det.score(x[:20]))
+
+
+def test_default_options_are_not_written(tiny_model, images, tmp_path):
+    x, y = images
+    det = cg.SimpleMahalanobis(tiny_model, layers=["block1"]).fit([x[:160]], progress=False)
+    params = json.loads(read_metadata(cg.save(det, tmp_path / "d.safetensors"))["hyperparameters"])
+    assert not {"top_fraction", "normalize", "fusion", "relative", "keep_moments"} & set(params)

@@ -146,7 +146,7 @@ def test_refuses_corrupted_tensor_bytes_and_metadata(tiny_model, saved, tmp_path
 
 def test_refuses_missing_tensors(tiny_model, saved, tmp_path):
     for key, match in [
-        ("forms/block2/mean", "the tensors of layer 'block2' are missing"),
+        ("forms/block2/mean", "the forms tensors of layer 'block2' are missing"),
         ("standardize/std", "tensor 'standardize/std' is missing"),
     ]:
         path = forge(saved, tmp_path / "missing.safetensors", drop=[key])  # checksum recomputed

@@ -34,6 +34,7 @@ needs the ``onnxscript`` package besides, and gains nothing on a graph without c
 from __future__ import annotations
 
 import json
+import inspect
 import math
 import os
 import tempfile
@@ -54,8 +55,8 @@ __all__ = ["DEFAULT_OPSET", "EXPORT_FORMATS", "GuardedModel", "export_guard", "v
 EXPORT_FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
 DEFAULT_OPSET = 17
 _INPUT, _OUTPUTS = "images", ("logits", "score", "flagged")
-# Hyperparameters whose meaning GuardedModel implements; a detector with others is refused
-# rather than exported with a silently different score.
+# Hyperparameters whose meaning GuardedModel implements; a detector with another one at a value
+# other than its default is refused rather than exported with a silently different score.
 _KNOWN_HYPERPARAMETERS = frozenset({
     "layers", "covariance", "rank", "shrinkage", "eps", "kernel_size", "padding", "aggregate", "keep_moments",
     "class_weights", "scoring", "top_m", "basis_rank",
@@ -147,9 +148,13 @@ class GuardedModel(nn.Module):
         if not isinstance(detector, (SimpleMahalanobis, ClassMahalanobis)):
             raise TypeError(f"detector must be a SimpleMahalanobis or ClassMahalanobis; got {type(detector).__name__}")
         check_is_fitted(detector)
-        unknown = sorted(set(detector.get_params()) - _KNOWN_HYPERPARAMETERS)
+        signature = inspect.signature(type(detector).__init__).parameters
+        unknown = sorted(
+            f"{key}={value!r}" for key, value in detector.get_params().items()
+            if key not in _KNOWN_HYPERPARAMETERS and value != signature[key].default
+        )
         if unknown:
-            raise ValueError(f"cannot export a detector with hyperparameters {unknown}: the exported graph does not implement them")
+            raise ValueError(f"cannot export a detector with {', '.join(unknown)}: the exported graph does not implement it")
         if detector.aggregate not in ("mean", "max"):
             raise ValueError(f"cannot export aggregate={detector.aggregate!r}; mean and max are exported")
         self.class_conditional = isinstance(detector, ClassMahalanobis)

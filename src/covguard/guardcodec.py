@@ -23,6 +23,7 @@ model's class count contradicts the rebuilt state.
 
 from __future__ import annotations
 
+import inspect
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -94,9 +95,10 @@ def encode(detector: Detector) -> Encoded:
         raise TypeError(f"detector must be one of {sorted(DETECTORS)} to be saved; got {type(detector).__name__}")
     check_is_fitted(detector)
     if isinstance(detector, PatchMahalanobis):
-        tensors = {"standardize/mean": detector.score_mean_, "standardize/std": detector.score_std_}
-        for layer, form in detector.forms_.items():
-            tensors.update({f"forms/{layer}/{f}": getattr(form, f) for f in FIELDS if getattr(form, f) is not None})
+        tensors = {f"standardize/{key}": t for key, t in detector.fusion_state().items()}  # mean, std (, correlation)
+        for prefix, forms in (("forms", detector.forms_), ("background", detector.background_forms_)):
+            for layer, form in forms.items():
+                tensors.update({f"{prefix}/{layer}/{f}": getattr(form, f) for f in FIELDS if getattr(form, f) is not None})
         tensors = {key: t.detach().cpu().contiguous() for key, t in tensors.items()}
         return Encoded(name, patch_params(detector), tensors, dict(detector.channels_), detector.model_sha256_)
     if isinstance(detector, TensorStateDetector):
@@ -118,9 +120,19 @@ def encode(detector: Detector) -> Encoded:
     return Encoded(name, params, tensors, channels, sha)
 
 
+#: Patch options added after format 2: written only when they differ from their defaults, so a
+#: default detector's file is the bytes format 2 wrote (and older readers still read it).
+_LATER_OPTIONS = ("top_fraction", "normalize", "fusion", "relative")
+
+
 def patch_params(detector: PatchMahalanobis) -> dict[str, Any]:
-    """The hyperparameters a file records: the constructor's, less ``keep_moments`` (moments are not saved)."""
-    return {key: value for key, value in detector.get_params().items() if key != "keep_moments"}
+    """The hyperparameters a file records: the constructor's, less ``keep_moments`` (moments are
+    not saved) and the later options at their defaults."""
+    defaults = inspect.signature(type(detector).__init__).parameters
+    return {
+        key: value for key, value in detector.get_params().items()
+        if key != "keep_moments" and not (key in _LATER_OPTIONS and value == defaults[key].default)
+    }
 
 
 # ---- schema (no model) ---------------------------------------------------------------------------
@@ -176,13 +188,23 @@ def _check_patch(params: dict[str, Any], tensors: Mapping[str, Tensor], channels
         raise ValueError(f"hyperparameters kernel_size must give a size for each layer {layers}; got {kernel!r}")
     for layer, k in kernel.items():
         positive_int(k, f"kernel_size of layer {layer!r}", 64)
-    _check_patch_tensors(tensors, layers, {layer: channels[layer] * kernel[layer] ** 2 for layer in layers})
+    _check_patch_tensors(
+        tensors, layers, {layer: channels[layer] * kernel[layer] ** 2 for layer in layers},
+        gaussian=params.get("fusion") == "gaussian", relative=params.get("relative") is True,
+    )
     return layers
 
 
-def _check_patch_tensors(tensors: Mapping[str, Tensor], layers: list[str], dims: dict[str, int]) -> None:
-    """Names, dtype, shapes (K groups, D = C k^2 per layer, r projections), finiteness, signs."""
+def _check_patch_tensors(
+    tensors: Mapping[str, Tensor], layers: list[str], dims: dict[str, int], *, gaussian: bool, relative: bool
+) -> None:
+    """Names, dtype, shapes (K groups, D = C k^2 per layer, r projections), finiteness, signs; the
+    layer-score correlation of a Gaussian fusion and the background forms of relative distances."""
     expected = {"standardize/mean", "standardize/std"} | {f"forms/{layer}/{f}" for layer in layers for f in FIELDS}
+    if gaussian:
+        expected.add("standardize/correlation")
+    if relative:
+        expected |= {f"background/{layer}/{f}" for layer in layers for f in FIELDS}
     unknown = sorted(set(tensors) - expected)
     if unknown:
         raise ValueError(f"unexpected tensors {unknown[:5]}")
@@ -198,11 +220,25 @@ def _check_patch_tensors(tensors: Mapping[str, Tensor], layers: list[str], dims:
             raise ValueError(f"tensor {key!r} must have shape ({len(layers)},); got {tuple(tensors[key].shape)}")
     if not (tensors["standardize/std"] > 0).all():
         raise ValueError("tensor 'standardize/std' must be positive")
-    groups = None
+    if gaussian:
+        corr = tensors.get("standardize/correlation")
+        if corr is None or tuple(corr.shape) != (len(layers),) * 2:
+            raise ValueError(f"tensor 'standardize/correlation' must have shape ({len(layers)}, {len(layers)}) with fusion='gaussian'")
+        if not torch.equal(corr, corr.T) or not (corr.diagonal() > 0).all():
+            raise ValueError("tensor 'standardize/correlation' must be symmetric with a positive diagonal")
+    _check_forms(tensors, "forms", layers, dims)
+    if relative:
+        _check_forms(tensors, "background", layers, dims, groups=1)
+
+
+def _check_forms(
+    tensors: Mapping[str, Tensor], prefix: str, layers: list[str], dims: dict[str, int], groups: int | None = None
+) -> None:
+    """Each layer's form under ``prefix``: present, shapes agreeing (K groups), positive definite."""
     for layer in layers:
-        mean, proj, gain, diag = (tensors.get(f"forms/{layer}/{f}") for f in FIELDS)
+        mean, proj, gain, diag = (tensors.get(f"{prefix}/{layer}/{f}") for f in FIELDS)
         if mean is None or (proj is None) != (gain is None) or (proj is None and diag is None):
-            raise ValueError(f"the tensors of layer {layer!r} are missing (mean, and proj with gain or diag)")
+            raise ValueError(f"the {prefix} tensors of layer {layer!r} are missing (mean, and proj with gain or diag)")
         D = dims[layer]
         K = mean.shape[0] if mean.ndim == 2 else 0
         groups = K if groups is None else groups
@@ -212,13 +248,13 @@ def _check_patch_tensors(tensors: Mapping[str, Tensor], layers: list[str], dims:
             shapes.update(proj=(proj, (groups, D, r)), gain=(gain, (groups, r)))
         for field, (t, shape) in shapes.items():
             if t is not None and (tuple(t.shape) != shape or groups < 1):
-                raise ValueError(f"tensor 'forms/{layer}/{field}' has shape {tuple(t.shape)}; expected {shape} (D = C k^2)")
+                raise ValueError(f"tensor '{prefix}/{layer}/{field}' has shape {tuple(t.shape)}; expected {shape} (D = C k^2)")
         if diag is not None and not (diag > 0).all():
-            raise ValueError(f"tensor 'forms/{layer}/diag' must be positive")
+            raise ValueError(f"tensor '{prefix}/{layer}/diag' must be positive")
         if gain is not None and diag is None and not (gain > 0).all():
-            raise ValueError(f"tensor 'forms/{layer}/gain' must be positive without a diag")
+            raise ValueError(f"tensor '{prefix}/{layer}/gain' must be positive without a diag")
         if gain is not None and diag is not None and not (gain + diag.amax(-1, keepdim=True) >= 0).all():
-            raise ValueError(f"tensor 'forms/{layer}/gain' is below -diag: the precision is not positive definite")
+            raise ValueError(f"tensor '{prefix}/{layer}/gain' is below -diag: the precision is not positive definite")
 
 
 def _check_fused(params: dict[str, Any], tensors: Mapping[str, Tensor], channels: Mapping[str, int]) -> list[str]:
@@ -327,10 +363,15 @@ def build(
     if dumps(params) != dumps({key: rebuilt.get(key) for key in params}):
         raise ValueError(f"hyperparameters that {cls.__name__} does not reproduce: saved {dumps(params)}, rebuilt {dumps(rebuilt)}")
     if isinstance(detector, PatchMahalanobis):
-        forms = {layer: QuadraticForm(**{f: tensors.get(f"forms/{layer}/{f}") for f in FIELDS}) for layer in detector.layers}
+        forms, background = (
+            {layer: QuadraticForm(**{f: tensors.get(f"{prefix}/{layer}/{f}") for f in FIELDS}) for layer in detector.layers}
+            for prefix in ("forms", "background")
+        )
         detector.set_state(
             forms, {layer: channels[layer] for layer in detector.layers}, score_mean=tensors["standardize/mean"],
             score_std=tensors["standardize/std"], input_shape=input_shape, model_sha256=model_sha256,
+            score_correlation=tensors.get("standardize/correlation"),
+            background_forms=background if detector.get_params().get("relative") else None,
         )  # fmt: skip
         return detector
     return detector.set_state_tensors(tensors, input_shape=input_shape)
