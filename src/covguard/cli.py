@@ -66,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--images", required=True, help="folder, tar archive or image file")
     score.add_argument("--out", required=True, help="CSV to write: path, score, flagged, predicted_class, error")
     score.add_argument("--batch-size", type=int, default=64)
+    score.add_argument("--workers", type=int, default=0, metavar="N",
+                       help="decode images in N worker processes while the model runs (default 0: in the main process)")
     score.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     score.add_argument("--no-strict-model", action="store_true",
                        help="accept a model whose parameters differ from the fitted ones (warns)")
