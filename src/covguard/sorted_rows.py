@@ -31,8 +31,8 @@ class SortedRows:
         Where the rows go (opened with ``newline=""``).
     in_order : bool
         The rows will be added in key order: write each at once (nothing held).
-    run_rows : int
-        Rows held in memory before a sorted run goes to a temporary file.
+    run_rows : int, optional
+        Rows held in memory before a sorted run goes to a temporary file (default :data:`RUN_ROWS`).
     spill_dir : str or Path, optional
         Folder of the temporary run files (default: the system's); they have no name and
         disappear when closed, also when the process is killed.
@@ -47,7 +47,8 @@ class SortedRows:
     ['a.png,0.5', 'b.png,1.5']
     """
 
-    def __init__(self, handle: IO[str], *, in_order: bool, run_rows: int = RUN_ROWS, spill_dir: str | Path | None = None) -> None:
+    def __init__(self, handle: IO[str], *, in_order: bool, run_rows: int | None = None, spill_dir: str | Path | None = None) -> None:
+        run_rows = RUN_ROWS if run_rows is None else run_rows
         if run_rows < 1:
             raise ValueError(f"run_rows must be >= 1; got {run_rows}")
         self.writer = csv.writer(handle)
