@@ -7,8 +7,10 @@ the main process). Results come back in reading order. At most ``prefetch`` imag
 ahead of the consumer: while it runs the model, the workers decode the next images, and memory
 does not grow with the number of images.
 
-Workers are started with ``spawn`` (a fresh interpreter each, one torch thread, Ctrl-C left to
-the main process): forking a process that holds torch's thread pools can deadlock.
+Workers are forked from a ``forkserver`` process that imported covguard once (so starting N
+workers costs one import, not N), never from the main process: forking a process that runs
+torch's thread pools can deadlock. Each worker uses one torch thread and leaves Ctrl-C to the
+main process, which shuts the pool down.
 """
 
 from __future__ import annotations
@@ -76,7 +78,9 @@ def decode_stream(
         for name, data in items:
             yield name, _decode_one(data, channels, size)
         return
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker)
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])  # used when this process starts its fork server (once)
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_init_worker)
     pending: deque[tuple[list[str], Future]] = deque()
     max_pending = max(workers, -(-prefetch // CHUNK_IMAGES))
     items = iter(items)
