@@ -29,7 +29,7 @@ import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -38,12 +38,16 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-__all__ = ["ScoreRun", "ThroughputConfig", "ThroughputResult", "render_markdown", "run_score_job", "run_throughput"]
+__all__ = [
+    "ScoreRun", "ThroughputConfig", "ThroughputResult", "measure", "render_markdown", "run_score_job", "run_throughput",
+    "write_synthetic_images",
+]
 
 # What a fresh interpreter runs for one score run (argv[1]: covguard's argv as JSON); prints its timings as JSON.
+# It hands the CLI in (this module is imported by covguard.cli: importing the CLI here would be a cycle).
 _CHILD = (
-    "import json, sys; from covguard.bench.throughput import run_score_job; "
-    "print(json.dumps(run_score_job(json.loads(sys.argv[1]))))"
+    "import json, sys; from covguard.bench.throughput import run_score_job; from covguard.cli import build_parser, main; "
+    "print(json.dumps(run_score_job(json.loads(sys.argv[1]), build_parser=build_parser, main=main)))"
 )
 
 
@@ -95,15 +99,14 @@ class ThroughputResult:
     runs: list[ScoreRun] = field(default_factory=list)
 
 
-def run_score_job(argv: list[str]) -> dict:
-    """Run ``covguard`` with ``argv`` in this process: exit status, seconds, peak RSS (MB).
+def run_score_job(argv: list[str], *, build_parser: Callable[[], object], main: Callable[[list[str]], int]) -> dict:
+    """Run ``covguard`` (:func:`covguard.cli.main`) with ``argv`` in this process: exit status, seconds, peak RSS (MB).
 
     ``startup_seconds``: building the CLI parser, which imports covguard's commands (paid by
     every command, timed apart); ``seconds``: ``main(argv)`` after that. Child processes (the
     decoding workers and their fork server) are sampled every 0.1 s for their ``VmHWM``.
     """
     from covguard.bench.timing_memory import _peak_rss_mb
-    from covguard.cli import build_parser, main
 
     tic = time.perf_counter()
     build_parser()
