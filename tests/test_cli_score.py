@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 import covguard as cg
 from covguard.cli import main
 from covguard.guard import decode_image, iter_images
+from covguard.imagefiles import list_images
 from covguard.models import MODELS
 
 MODEL_ARGS = ["--model", "small_cnn", "--model-arg", "width=4", "--model-arg", "num_classes=3"]
@@ -322,3 +323,54 @@ def test_guard_warns_on_another_spatial_size(setup):
     for shape in [(2, 1, 32, 32), (2, 1, 24, 24), (1, 1, 16, 250)]:
         with pytest.warns(UserWarning, match=rf"x is {shape[2]}x{shape[3]} but the detector was fitted on 16x16"):
             guard(torch.rand(shape))
+
+
+# ---- issue 15: --workers (decoding processes), rows streamed, same bytes whatever the workers ----
+
+
+def _unsorted_tar(path, pictures):
+    """A tar whose storage order is not sorted by name: 40 images (copies) and 4 corrupt members."""
+    goods = [(f"d/{k:02d}_{name}", data) for k, (name, data) in enumerate(list(pictures.items()) * 7)][:40]
+    bads = [("d/00_bad.png", b"\x89PNG cut"), ("d/zz.jpg", b"\xff\xd8 not a jpeg"), ("d/10.png", b""), ("a.tif", b"II*\x00")]
+    with tarfile.open(path, "w") as archive:
+        for name, data in reversed(goods[:20] + bads[:2] + goods[20:] + bads[2:]):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    return sorted(name for name, _ in goods + bads)
+
+
+def test_workers_give_the_same_csv_bytes_on_a_folder_and_a_tar(setup, tmp_path, monkeypatch):
+    import covguard.sorted_rows
+
+    root, _, guard, pictures = setup
+    names = _unsorted_tar(tmp_path / "unsorted.tar", pictures)
+    assert not list_images(tmp_path / "unsorted.tar").name_order and list_images(root / "images").name_order
+    for images in (root / "images", tmp_path / "unsorted.tar"):
+        outs = {}
+        for workers in ("0", "2"):
+            outs[workers] = tmp_path / f"{images.stem}-{workers}.csv"
+            assert run(setup, images, outs[workers], "--workers", workers, "--no-progress") == 0
+        assert outs["0"].read_bytes() == outs["2"].read_bytes()
+    rows = read_csv(outs["0"])  # the tar: sorted by name, one row per member, failures included
+    assert [r["path"] for r in rows] == names
+    assert [r["path"] for r in rows if r["error"]] == ["a.tif", "d/00_bad.png", "d/10.png", "d/zz.jpg"]
+    expected = expected_rows(guard, pictures)
+    for row in rows:
+        if not row["error"]:
+            score = expected[row["path"].split("_", 1)[1]][0]
+            assert float(row["score"]) == pytest.approx(score, rel=1e-5, abs=1e-4)
+    monkeypatch.setattr(covguard.sorted_rows, "RUN_ROWS", 3)  # 44 rows: 15 sorted runs merged from disk
+    assert run(setup, tmp_path / "unsorted.tar", tmp_path / "merged.csv", "--no-progress") == 0
+    assert (tmp_path / "merged.csv").read_bytes() == outs["0"].read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix != ".tar") == sorted(
+        ["merged.csv", "images-0.csv", "images-2.csv", "unsorted-0.csv", "unsorted-2.csv"]
+    )  # no temporary file left
+
+
+def test_bad_workers_value_is_a_one_line_error(setup, tmp_path, capsys):
+    root = setup[0]
+    assert run(setup, root / "images", tmp_path / "s.csv", "--workers", "-1") == 2
+    err = capsys.readouterr().err
+    assert err == "covguard score: error: --workers must be >= 0 (0: decode in the main process); got -1\n"
+    assert not (tmp_path / "s.csv").exists()

@@ -1,4 +1,4 @@
-"""Command-line interface: ``covguard demo``, ``fit``, ``score``, ``export``, ``heatmap``, ``bench adversarial|ood|shortcut|timing``."""
+"""Command-line interface: ``covguard demo``, ``fit``, ``score``, ``export``, ``heatmap``, ``bench adversarial|ood|shortcut|timing|throughput``."""
 
 from __future__ import annotations
 
@@ -69,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--images", required=True, help="folder, tar archive or image file")
     score.add_argument("--out", required=True, help="CSV to write: path, score, flagged, predicted_class, error")
     score.add_argument("--batch-size", type=int, default=64)
+    score.add_argument("--workers", type=int, default=0, metavar="N",
+                       help="decode images in N worker processes while the model runs (default 0: in the main process)")
     score.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     score.add_argument("--no-strict-model", action="store_true",
                        help="accept a model whose parameters differ from the fitted ones (warns)")
@@ -119,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.set_defaults(func=commands.finetune)
     _add_shortcut(bench.add_parser("shortcut", help="shortcut-shift benchmark: a spurious marker learned, then moved or removed"))
     _add_timing(bench.add_parser("timing", help="scoring overhead next to the bare forward, fit throughput, peak fit memory"))
+    _add_throughput(bench.add_parser("throughput", help="covguard score end to end (--workers) next to the bare model, images/s and peak RSS"))
     _add_heatmap(sub.add_parser("heatmap", help="overlay per-patch distances of each layer on images (one PNG per image)"))
     _add_fit(sub.add_parser("fit", help="fit and calibrate a guard on a folder or tar of training images"))
     _add_export(sub.add_parser("export", help="export a model and its guard as one ONNX (or TorchScript) graph"))
@@ -172,6 +175,25 @@ def _add_timing(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--memory-classes", nargs="+", type=int, default=[10, 100], help="class counts of the class-statistics memory runs")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     parser.set_defaults(func=commands.bench_timing)
+
+
+def _add_throughput(parser: argparse.ArgumentParser) -> None:
+    from covguard.bench.throughput import ThroughputConfig
+
+    d = ThroughputConfig()
+    parser.add_argument("--out", default="reports/throughput", help="report folder (default: reports/throughput)")
+    parser.add_argument("--n-images", type=int, default=d.n_images, help="synthetic PNGs written to a temporary folder")
+    parser.add_argument("--image-size", type=int, default=d.image_size, help="side of the synthetic images (pixels)")
+    parser.add_argument("--images", default=None, help="score this folder or tar instead of synthetic images")
+    parser.add_argument("--model", default=d.model, help="model name in covguard.models.MODELS (random weights without --detector)")
+    parser.add_argument("--detector", default=None, help="a saved guard (with --weights); default: fit one here")
+    parser.add_argument("--weights", default=None, help="weights of --model (with --detector)")
+    parser.add_argument("--workers", type=int, nargs="+", default=list(d.workers), help="--workers values of the score runs")
+    parser.add_argument("--batch-size", type=int, default=d.batch_size)
+    parser.add_argument("--device", default=d.device, help="torch device (default: cpu)")
+    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--no-progress", action="store_true", help="hide the score runs' progress bars")
+    parser.set_defaults(func=commands.bench_throughput)
 
 
 def _add_heatmap(parser: argparse.ArgumentParser) -> None:

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 __all__ = [
-    "bench_adversarial", "bench_ood", "bench_shortcut", "bench_timing", "demo", "export", "finetune", "fit", "heatmap", "score",
+    "bench_adversarial", "bench_ood", "bench_shortcut", "bench_throughput", "bench_timing", "demo", "export", "finetune", "fit", "heatmap", "score",
 ]
 
 
@@ -111,6 +111,24 @@ def bench_timing(args: argparse.Namespace) -> int:
         device=args.device, detectors=args.detectors, channels_last=not args.nchw, fit=not args.no_fit, memory=not args.no_memory,
         memory_images=args.memory_images, memory_classes=tuple(args.memory_classes), progress=not args.no_progress,
     )
+    print(render_markdown(result))
+    print(f"Report written to {args.out}")
+    return 0
+
+
+def bench_throughput(args: argparse.Namespace) -> int:
+    """Run ``covguard bench throughput`` (:mod:`covguard.bench.throughput`)."""
+    from covguard.bench.throughput import ThroughputConfig, measure, render_markdown
+
+    if args.n_images < 2 or args.batch_size < 1 or min(args.workers) < 0:
+        raise ValueError(
+            f"--n-images must be >= 2, --batch-size >= 1 and --workers >= 0; got {args.n_images}, {args.batch_size}, {args.workers}"
+        )
+    config = ThroughputConfig(
+        n_images=args.n_images, image_size=args.image_size, images=args.images, model=args.model, weights=args.weights,
+        detector=args.detector, workers=tuple(args.workers), batch_size=args.batch_size, device=args.device, seed=args.seed,
+    )
+    result = measure(config, args.out, progress=not args.no_progress)
     print(render_markdown(result))
     print(f"Report written to {args.out}")
     return 0

@@ -18,6 +18,7 @@ from __future__ import annotations
 import tarfile
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,7 @@ from torch import Tensor
 from covguard.decode import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, DecodeError, open_image, read_image_file, scaled_mode
 from covguard.files import format_bytes
 
-__all__ = ["IMAGE_SUFFIXES", "UnreadableImage", "decode_image", "iter_images", "printable_name"]
+__all__ = ["IMAGE_SUFFIXES", "ImageListing", "UnreadableImage", "decode_image", "iter_images", "list_images", "printable_name"]
 
 #: Suffixes (lower case) that :func:`iter_images` reads from a folder or an archive.
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"})
@@ -45,6 +46,29 @@ class UnreadableImage(bytes):
         self.reason = reason
         return self
 
+    def __reduce__(self) -> tuple[type, tuple[str]]:  # pickled to decoding worker processes
+        return UnreadableImage, (self.reason,)
+
+
+@dataclass(frozen=True)
+class ImageListing:
+    """The images of a source, ready to read: see :func:`list_images`.
+
+    Attributes
+    ----------
+    total : int
+        Number of images.
+    items : iterator of (str, bytes)
+        Name and encoded bytes (or an :class:`UnreadableImage`), in reading order.
+    name_order : bool
+        True when ``items`` come sorted by name (equal names in reading order): a folder or a
+        file always, a tar archive whose storage order is sorted by member name.
+    """
+
+    total: int
+    items: Iterator[tuple[str, bytes]]
+    name_order: bool
+
 
 def printable_name(name: str) -> str:
     """A file or member name that encodes to UTF-8: undecodable bytes become ``\\xNN``."""
@@ -60,10 +84,10 @@ def iter_images(source: str | Path, *, order: str = "sorted") -> tuple[int, Iter
         A folder (files with a suffix in :data:`IMAGE_SUFFIXES`, at any depth), a tar archive
         (``.tar``, ``.tar.gz``, ... the same members, read in place), or one image file.
     order : {"sorted", "archive"}
-        ``"sorted"``: by path (member name). ``"archive"``: a tar's members in storage order,
-        which reads a compressed archive in one stream (sort the results afterwards); a
-        folder is sorted either way. A ``"sorted"`` read of an archive whose storage order is
-        not sorted holds the bytes of every member in memory.
+        ``"sorted"``: by name (the path relative to the folder, or the member name, as written).
+        ``"archive"``: a tar's members in storage order, which reads a compressed archive in one
+        stream (sort the results afterwards); a folder is sorted either way. A ``"sorted"`` read
+        of an archive whose storage order is not sorted holds the bytes of every member in memory.
 
     Returns
     -------
@@ -82,19 +106,32 @@ def iter_images(source: str | Path, *, order: str = "sorted") -> tuple[int, Iter
     """
     if order not in ("sorted", "archive"):
         raise ValueError(f"order must be 'sorted' or 'archive'; got {order!r}")
+    listing = list_images(source)
+    if order == "archive" or listing.name_order:
+        return listing.total, listing.items
+    return listing.total, iter(sorted(listing.items, key=lambda item: item[0]))
+
+
+def list_images(source: str | Path) -> ImageListing:
+    """The images of a folder, a tar archive or a single file, in the order they are read fastest.
+
+    A folder is listed sorted by name (relative path as written, ``\\xNN`` escapes included);
+    a tar archive in storage order (one forward pass, one decompression stream), with
+    :attr:`ImageListing.name_order` saying whether that order is sorted by name. Sources and
+    errors as :func:`iter_images`.
+    """
     source = Path(source)
     if source.is_dir():
-        files = sorted(p for p in source.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-        return len(files), ((printable_name(p.relative_to(source).as_posix()), _read_file(p)) for p in files)
+        files = [p for p in source.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+        named = sorted((printable_name(p.relative_to(source).as_posix()), p) for p in files)
+        return ImageListing(len(named), ((name, _read_file(p)) for name, p in named), name_order=True)
     if not source.is_file():
         raise FileNotFoundError(f"images {str(source)!r} is neither a folder nor a file")
     if _is_tar(source):
-        members = _tar_members(source)
-        stored = sorted(members, key=lambda m: m.offset)  # forward reads only: one decompression pass
-        if order == "archive" or [m.name for m in stored] == sorted(m.name for m in stored):
-            return len(members), _read_tar(source, stored)
-        return len(members), iter(sorted(_read_tar(source, stored), key=lambda item: item[0]))
-    return 1, iter([(printable_name(str(source)), _read_file(source))])
+        stored = sorted(_tar_members(source), key=lambda m: m.offset)  # forward reads only: one decompression pass
+        names = [printable_name(m.name) for m in stored]
+        return ImageListing(len(stored), _read_tar(source, stored), name_order=names == sorted(names))
+    return ImageListing(1, iter([(printable_name(str(source)), _read_file(source))]), name_order=True)
 
 
 def decode_image(data: bytes, *, channels: int, size: tuple[int, int], max_pixels: int = MAX_IMAGE_PIXELS) -> Tensor:
