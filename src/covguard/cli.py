@@ -1,4 +1,4 @@
-"""Command-line interface: ``covguard demo``, ``fit``, ``score``, ``export``, ``heatmap``, ``bench adversarial|ood|shortcut|timing|throughput``."""
+"""Command-line interface: ``covguard demo``, ``fit``, ``score``, ``export``, ``heatmap``, ``bench adversarial|ood|shortcut|suite|timing|throughput``."""
 
 from __future__ import annotations
 
@@ -120,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("--no-progress", action="store_true", help="hide progress bars")
     finetune.set_defaults(func=commands.finetune)
     _add_shortcut(bench.add_parser("shortcut", help="shortcut-shift benchmark: a spurious marker learned, then moved or removed"))
+    _add_suite(bench.add_parser("suite", help="one guard per checkpoint on every category: OOD, noise, blank, attacks, shortcut; fused detectors"))
     _add_timing(bench.add_parser("timing", help="scoring overhead next to the bare forward, fit throughput, peak fit memory"))
     _add_throughput(bench.add_parser("throughput", help="covguard score end to end (--workers) next to the bare model, images/s and peak RSS"))
     _add_heatmap(sub.add_parser("heatmap", help="overlay per-patch distances of each layer on images (one PNG per image)"))
@@ -158,6 +159,34 @@ def _add_shortcut(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layers", nargs="+", default=None, help="tapped layers (default: dataset's)")
     parser.add_argument("--n-heatmaps", type=int, default=d.n_heatmaps, help="fooled (c) images drawn as heatmaps")
     parser.set_defaults(func=commands.bench_shortcut)
+
+
+def _add_suite(parser: argparse.ArgumentParser) -> None:
+    from covguard.bench.suite_config import SuiteConfig
+
+    d = SuiteConfig()
+    _add_bench_common(parser, "results/suite")
+    parser.add_argument("--n-images", type=int, default=d.n_images, help="test images drawn (seeded) = images per OOD, noise, blank set")
+    parser.add_argument("--n-calibration", type=int, default=d.n_calibration,
+                        help="training images held out of fit and holdout: the fused p-values' calibration")
+    parser.add_argument("--mixture", action="store_true", help="also score class_mahalanobis_mixture (slower)")
+    parser.add_argument("--attacks", nargs="+", choices=("fgsm", "bim", "pgd", "pgd_l2", "igm"), default=list(d.attacks))
+    parser.add_argument("--eps", type=float, default=d.eps * 255, help="L-inf budget in pixel levels /255 (default: 8)")
+    parser.add_argument("--small-eps", type=float, default=d.small_eps * 255, help="second L-inf budget /255 (default: 2)")
+    parser.add_argument("--small-eps-attacks", nargs="*", choices=("fgsm", "bim", "pgd", "igm"), default=list(d.small_eps_attacks))
+    parser.add_argument("--eps-l2", type=float, default=d.eps_l2, help="L2 budget of pgd_l2 in [0, 1] pixel units")
+    parser.add_argument("--steps", type=int, default=d.steps, help="iterations of PGD, PGD-L2 and IGM")
+    parser.add_argument("--igm-scales", type=int, default=d.igm_scales, help="input scales per integrated gradient")
+    parser.add_argument("--shortcut", action="store_true",
+                        help="also fine-tune and score the shortcut model (bench shortcut's CIFAR-10 recipe; ~30 min more)")
+    parser.add_argument("--shortcut-model", choices=("resnet20", "resnet32", "resnet44"), default=d.shortcut_model)
+    parser.add_argument("--shortcut-max-finetune", type=int, default=None, help="cap on the shortcut model's fine-tuning images")
+    parser.add_argument("--shortcut-max-test", type=int, default=None, help="cap on the shortcut model's test images")
+    parser.add_argument("--timing-images", type=int, default=d.timing_images, help="images per timed scoring call")
+    parser.add_argument("--timing-repeats", type=int, default=d.timing_repeats)
+    parser.add_argument("--cache-dir", default=None, help="cache of scores and attacks (default: $COVGUARD_CACHE/suite or ~/.cache/covguard/suite)")
+    parser.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
+    parser.set_defaults(func=commands.bench_suite)
 
 
 def _add_timing(parser: argparse.ArgumentParser) -> None:

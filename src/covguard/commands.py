@@ -11,7 +11,8 @@ import time
 from pathlib import Path
 
 __all__ = [
-    "bench_adversarial", "bench_ood", "bench_shortcut", "bench_throughput", "bench_timing", "demo", "export", "finetune", "fit", "heatmap", "score",
+    "bench_adversarial", "bench_ood", "bench_shortcut", "bench_suite", "bench_throughput", "bench_timing", "demo", "export",
+    "finetune", "fit", "heatmap", "score",
 ]
 
 
@@ -100,6 +101,28 @@ def bench_shortcut(args: argparse.Namespace) -> int:
     result = run_shortcut(out, config)
     print(render_markdown(result.to_dict()))
     print(f"Report written to {out} ({Path(out) / 'report.html'}) in {time.perf_counter() - tic:.1f} s")
+    return 0
+
+
+def bench_suite(args: argparse.Namespace) -> int:
+    """Run ``covguard bench suite``."""
+    from covguard.bench.suite import run_suite
+    from covguard.bench.suite_config import SuiteConfig
+
+    config = SuiteConfig(
+        models=tuple(args.models), checkpoints=args.checkpoints, n_images=args.n_images, n_holdout=args.n_holdout,
+        n_calibration=args.n_calibration, max_train=args.max_train, covariance=args.covariance, mixture=args.mixture,
+        baselines=tuple(args.baselines), attacks=tuple(args.attacks), eps=args.eps / 255, small_eps=args.small_eps / 255,
+        small_eps_attacks=tuple(args.small_eps_attacks), eps_l2=args.eps_l2, steps=args.steps, igm_scales=args.igm_scales,
+        shortcut=args.shortcut, shortcut_model=args.shortcut_model, shortcut_max_finetune=args.shortcut_max_finetune,
+        shortcut_max_test=args.shortcut_max_test, seed=args.seed, batch_size=args.batch_size, device=args.device,
+        timing_images=args.timing_images, timing_repeats=args.timing_repeats, cache=not args.no_cache,
+        cache_dir=args.cache_dir, progress=not args.no_progress,
+    )
+    tic = time.perf_counter()
+    run_suite(_data_root(args.data), args.out, config)
+    print((Path(args.out) / "results.md").read_text())
+    print(f"Report written to {args.out} in {time.perf_counter() - tic:.1f} s")
     return 0
 
 

@@ -20,6 +20,7 @@ from covguard.data.imglist import load_imglist, read_imglist
 from covguard.data.registry import SETS, data_root, load_set
 from covguard.data.svhn import load_svhn
 from covguard.data.synthetic import (
+    blank_frames,
     gaussian_noise,
     inverted,
     ood_sets,
@@ -33,6 +34,7 @@ __all__ = [
     "SETS",
     "DigitsSplit",
     "ImageSet",
+    "blank_frames",
     "cached",
     "data_root",
     "default_cache_dir",

@@ -13,11 +13,26 @@ import torch.nn.functional as F
 from sklearn.datasets import load_sample_images
 from torch import Tensor
 
-__all__ = ["gaussian_noise", "inverted", "ood_sets", "photo_crops", "uniform_noise"]
+__all__ = ["BLANK_COLOURS", "blank_frames", "gaussian_noise", "inverted", "ood_sets", "photo_crops", "uniform_noise"]
 
 _MIN_CROP = 24  # smallest side of a photo crop, in source pixels
 _MAX_CROP = 96  # largest side of a photo crop, in source pixels
 _LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601 weights of R, G, B in grey
+#: Colours of :func:`blank_frames` as (R, G, B) in [0, 1]: black, white, three greys, the primaries
+#: and the secondaries: what a lens cap, an over-exposed sensor or a test card sends.
+BLANK_COLOURS: dict[str, tuple[float, float, float]] = {
+    "black": (0.0, 0.0, 0.0),
+    "white": (1.0, 1.0, 1.0),
+    "grey25": (0.25, 0.25, 0.25),
+    "grey50": (0.5, 0.5, 0.5),
+    "grey75": (0.75, 0.75, 0.75),
+    "red": (1.0, 0.0, 0.0),
+    "green": (0.0, 1.0, 0.0),
+    "blue": (0.0, 0.0, 1.0),
+    "yellow": (1.0, 1.0, 0.0),
+    "cyan": (0.0, 1.0, 1.0),
+    "magenta": (1.0, 0.0, 1.0),
+}
 
 
 def _check_count(n: int) -> None:
@@ -116,6 +131,71 @@ def gaussian_noise(
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn((n, channels, size, size), generator=generator)
     return x.mul_(std).add_(mean).clamp_(0.0, 1.0)
+
+
+def blank_frames(
+    n: int, *, size: int = 32, channels: int = 3, seed: int = 0, near_constant: float = 0.5, noise_std: float = 2 / 255
+) -> Tensor:
+    """Blank frames: solid-colour images and near-constant ones (a colour plus faint noise).
+
+    Image ``i`` takes colour ``i mod 11`` of :data:`BLANK_COLOURS` (black, white, greys 0.25 /
+    0.5 / 0.75, red, green, blue, yellow, cyan, magenta), so every colour appears about equally
+    often. The first ``n - round(near_constant * n)`` images are exactly that colour; the others
+    add independent Gaussian pixel noise of standard deviation ``noise_std``, clipped to [0, 1]
+    (a sensor's read noise on a blank frame). One-channel images use the colour's luma (ITU-R
+    BT.601).
+
+    Parameters
+    ----------
+    n : int
+        Number of images, at least 1.
+    size : int, default=32
+        Side of the images in pixels.
+    channels : int, default=3
+        1 (grey) or 3 (RGB).
+    seed : int, default=0
+        Seed of the ``torch.Generator`` that draws the noise.
+    near_constant : float, default=0.5
+        Fraction of the images that get the noise, in [0, 1].
+    noise_std : float, default=2/255
+        Standard deviation of the noise, >= 0, in [0, 1] pixel units.
+
+    Returns
+    -------
+    Tensor of shape (n, channels, size, size)
+        float32 in ``[0, 1]``.
+
+    Raises
+    ------
+    ValueError
+        If ``n`` or ``size`` is not a positive integer, ``channels`` not 1 or 3,
+        ``near_constant`` outside [0, 1] or ``noise_std < 0``.
+
+    Examples
+    --------
+    >>> x = blank_frames(22, size=8, seed=0)
+    >>> x.shape, float(x[0].max()), float(x[1].min())  # black, then white
+    (torch.Size([22, 3, 8, 8]), 0.0, 1.0)
+    """
+    _check_count(n)
+    _check_size(size)
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3; got {channels!r}")
+    if not 0.0 <= near_constant <= 1.0:
+        raise ValueError(f"near_constant must be in [0, 1]; got {near_constant!r}")
+    if not noise_std >= 0:
+        raise ValueError(f"noise_std must be >= 0; got {noise_std!r}")
+    palette = torch.tensor(list(BLANK_COLOURS.values()), dtype=torch.float32)  # (P, 3)
+    if channels == 1:
+        palette = palette @ torch.tensor(_LUMA)[:, None]  # (P, 1)
+    colours = palette[torch.arange(n) % len(palette)]  # (n, channels)
+    x = colours[:, :, None, None].expand(n, channels, size, size).clone()  # (n, channels, size, size)
+    n_noisy = round(near_constant * n)
+    if n_noisy:
+        generator = torch.Generator().manual_seed(seed)
+        noise = torch.randn((n_noisy, channels, size, size), generator=generator)
+        x[n - n_noisy :] += noise * noise_std
+    return x.clamp_(0.0, 1.0)
 
 
 def inverted(images: Tensor) -> Tensor:
