@@ -13,7 +13,9 @@ from covguard.covariance import COVARIANCE_FORMS
 __all__ = ["main"]
 
 
-def _add_bench_common(parser: argparse.ArgumentParser, out: str, *, models: bool = True, batch_size: int = 256) -> None:
+def _add_bench_common(
+    parser: argparse.ArgumentParser, out: str, *, models: bool = True, protocol: bool = True, batch_size: int = 256
+) -> None:
     from covguard.bench.common import CHECKPOINT_KINDS, CIFAR_MODELS
     from covguard.bench.validation import PROTOCOLS
     from covguard.detectors.baselines import BASELINES
@@ -24,6 +26,7 @@ def _add_bench_common(parser: argparse.ArgumentParser, out: str, *, models: bool
         parser.add_argument("--models", nargs="+", choices=CIFAR_MODELS, default=list(CIFAR_MODELS))
         parser.add_argument("--checkpoints", choices=CHECKPOINT_KINDS, default="original",
                             help="shared weights (original) or those fine-tuned on the JPEG training set (finetuned, checkpoints/)")
+    if models and protocol:
         parser.add_argument("--protocol", choices=PROTOCOLS, default="fixed",
                             help="hyperparameters fixed in advance, chosen on ID-val vs OOD-val (OpenOOD v1.5), or both reported")
     parser.add_argument("--baselines", nargs="*", choices=sorted(BASELINES), default=list(BASELINES))
@@ -165,7 +168,7 @@ def _add_suite(parser: argparse.ArgumentParser) -> None:
     from covguard.bench.suite_config import SuiteConfig
 
     d = SuiteConfig()
-    _add_bench_common(parser, "results/suite")
+    _add_bench_common(parser, "results/suite", protocol=False)  # members and settings fixed in advance
     parser.add_argument("--n-images", type=int, default=d.n_images, help="test images drawn (seeded) = images per OOD, noise, blank set")
     parser.add_argument("--n-calibration", type=int, default=d.n_calibration,
                         help="training images held out of fit and holdout: the fused p-values' calibration")

@@ -69,6 +69,7 @@ def run_score(args: argparse.Namespace) -> int:
     from covguard.guard import load_guard
     from covguard.imagefiles import list_images
     from covguard.models.user import load_classifier
+    from covguard.features import model_dtype
     from covguard.sorted_rows import SortedRows
 
     if args.batch_size < 1:
@@ -82,7 +83,7 @@ def run_score(args: argparse.Namespace) -> int:
     )
     guard = load_guard(args.detector, model, strict_model=not args.no_strict_model)
     channels, height, width = guard.detector.input_shape_
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    dtype = model_dtype(model)
     listing = list_images(images)
     if listing.total == 0:
         raise ValueError(f"--images {args.images!r} holds no image files (suffixes: .png, .jpg, ...)")
