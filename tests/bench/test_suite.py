@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from covguard.bench.suite import run_suite
-from covguard.bench.suite_config import FUSED_MEMBERS, HEADLINE, SHORTCUT, SuiteConfig, fused_detectors
+from covguard.bench.suite_config import DERIVED, FUSED_MEMBERS, HEADLINE, SHORTCUT, SuiteConfig, fused_detectors
 from covguard.bench.suite_metrics import category_metrics, fuse, summarize, with_fused
 from covguard.bench.suite_report import overall
 from covguard.data.cifar import CIFAR10_CLASSES
@@ -116,7 +116,7 @@ def test_every_category_and_detector_is_scored(runs):
     model = first["models"]["resnet20"]
     attacks = ("fgsm_8", "bim_8", "pgd_8", "pgd_l2_0.5", "igm_8", "fgsm_2", "pgd_2")
     assert list(first["categories"]) == [*CIFAR_CATEGORIES, *attacks, *SHORTCUT]
-    detectors = {"simple_mahalanobis", "class_mahalanobis_top1", "class_penultimate_original", *cfg.baselines, *fused_detectors()}
+    detectors = {"simple_mahalanobis", "class_mahalanobis_top1", "class_penultimate_original", *DERIVED, *cfg.baselines, *fused_detectors()}
     for cat in CIFAR_CATEGORIES:
         assert set(model["metrics"][cat]) == detectors
         assert model["metrics"][cat][HEADLINE]["n_in"] == 30

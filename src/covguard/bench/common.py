@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 import statistics
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from types import MappingProxyType
 from pathlib import Path
 
 import torch
@@ -231,6 +232,7 @@ def fit_on_train(
     mixture: bool = True,
     keep_moments: bool = False,
     also_fit: Sequence[Detector] = (),
+    derived: Mapping[str, tuple[str, dict]] = MappingProxyType({}),
     progress: bool = True,
 ) -> tuple[dict[str, Detector], dict[str, int]]:
     """Our patch detectors and the baselines, fitted together on the training set.
@@ -239,6 +241,9 @@ def fit_on_train(
     the fit and only standardize the layer scores; the rest (at most ``max_train``) fit every
     detector. ``also_fit``: more detectors of the same model fitted in the same passes over the
     data (the grid points of the validation protocol); they are fitted in place, not returned.
+    ``derived``: name -> (fitted detector, changes), more detectors derived from fitted ones with
+    ``refit`` (another scoring or layer fusion; no pass over the fit data), standardized on the
+    held-out images.
 
     Returns
     -------
@@ -255,4 +260,6 @@ def fit_on_train(
     fit_detectors([*detectors.values(), *also_fit], fit_loader, holdout=hold_loader, progress=progress)
     if mixture:
         add_mixture(detectors, hold_loader, progress=progress)
+    for name, (base, changes) in derived.items():
+        detectors[name] = detectors[base].refit(holdout=hold_loader, progress=progress, **changes)
     return detectors, {"n_fit": len(fit_loader.images), "n_holdout": len(hold_loader.images)}

@@ -48,7 +48,7 @@ from torch import Tensor, nn
 from covguard.attacks import success_mask
 from covguard.bench.cache import TensorCache, tensor_sha256
 from covguard.bench.common import fit_on_train, load_cifar_model, predict
-from covguard.bench.suite_config import SuiteConfig, fused_detectors
+from covguard.bench.suite_config import DERIVED, SuiteConfig, fused_detectors
 from covguard.bench.suite_metrics import category_metrics, time_fused, with_fused
 from covguard.bench.suite_report import write_report
 from covguard.bench.suite_shortcut import run_shortcut_model
@@ -123,7 +123,8 @@ def _run_checkpoint(name: str, cfg: SuiteConfig, root: Path, data: dict, cache: 
     key = {"model": name, "weights": parameter_sha256(model), "train": data["train_key"], "fit": cfg.fit_settings()}
     lazy = LazyDetectors(lambda: fit_on_train(
         model, data["rest"], baselines=cfg.baselines, covariance=cfg.covariance, n_holdout=cfg.n_holdout,
-        max_train=cfg.max_train, seed=cfg.seed, batch_size=cfg.batch_size, mixture=cfg.mixture, progress=cfg.progress,
+        max_train=cfg.max_train, seed=cfg.seed, batch_size=cfg.batch_size, mixture=cfg.mixture,
+        derived={name: DERIVED[name] for name in cfg.derived}, progress=cfg.progress,
     )[0])
 
     def scores(images: Tensor) -> dict[str, Tensor]:

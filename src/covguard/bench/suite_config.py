@@ -24,7 +24,7 @@ from covguard.covariance import COVARIANCE_FORMS
 from covguard.detectors.baselines import BASELINES
 
 __all__ = [
-    "FUSED_MEMBERS", "FUSION_RULES", "GROUPS", "HEADLINE", "OURS", "SHORTCUT", "SuiteConfig", "TAIL_SIZE", "fused_detectors",
+    "DERIVED", "FUSED_MEMBERS", "FUSION_RULES", "GROUPS", "HEADLINE", "OURS", "SHORTCUT", "SuiteConfig", "TAIL_SIZE", "fused_detectors",
 ]
 
 #: Fused detector -> its members (names of single detectors of the line-up), fixed in advance.
@@ -39,7 +39,10 @@ FUSION_RULES = ("fisher", "minp")
 #: The fused detector the suite's targets are read on.
 HEADLINE = "fused_ours_knn_mds_fisher"
 #: Our single detectors, shown first among the single ones (headline of the earlier benchmarks first).
-OURS = ("class_mahalanobis_top1", "class_mahalanobis_mixture", "simple_mahalanobis", "class_penultimate_original")
+OURS = (
+    "class_mahalanobis_top1", "class_mahalanobis_mixture", "simple_mahalanobis", "class_penultimate_original",
+    "simple_mahalanobis_gaussian_fusion", "class_mahalanobis_top1_gaussian_fusion",
+)
 #: Calibration scores fitting each member's exponential tail (FusedDetector's default).
 TAIL_SIZE = 20
 #: Category groups of the image sets, in table order (the attack categories follow the config).
@@ -57,6 +60,15 @@ def fused_detectors() -> dict[str, tuple[tuple[str, ...], str]]:
     return {f"{name}_{rule}": (members, rule) for name, members in FUSED_MEMBERS.items() for rule in FUSION_RULES}
 
 
+#: Single detectors derived from the fitted ones by ``refit`` (no pass over the fit data), fixed in
+#: advance: the two-sided Gaussian layer fusion, which also flags inputs too typical in some layers
+#: (blank frames), next to the default sum of z-scores.
+DERIVED: dict[str, tuple[str, dict]] = {
+    "simple_mahalanobis_gaussian_fusion": ("simple_mahalanobis", {"fusion": "gaussian"}),
+    "class_mahalanobis_top1_gaussian_fusion": ("class_mahalanobis_top1", {"fusion": "gaussian"}),
+}
+
+
 @dataclass(frozen=True)
 class SuiteConfig:
     """Settings of ``covguard bench suite``; the defaults are the documented full run."""
@@ -69,6 +81,7 @@ class SuiteConfig:
     max_train: int | None = None  # cap on fit images (reduced runs); None = all the rest
     covariance: str = "full"  # patch covariance form of our detectors
     mixture: bool = False  # also score class_mahalanobis_mixture (3x the top-1 scoring cost)
+    derived: tuple[str, ...] = tuple(DERIVED)  # rows derived from fitted detectors by refit (see DERIVED)
     baselines: tuple[str, ...] = ("msp", "max_logit", "energy", "odin", "gen", "mds", "rmds", "knn", "vim", "react")
     attacks: tuple[str, ...] = ("fgsm", "bim", "pgd", "pgd_l2", "igm")  # at eps (pgd_l2 at eps_l2)
     eps: float = 8 / 255  # L-inf budget (pixels in [0, 1])
@@ -115,6 +128,7 @@ class SuiteConfig:
         return {
             "n_holdout": self.n_holdout, "n_calibration": self.n_calibration, "max_train": self.max_train,
             "covariance": self.covariance, "mixture": self.mixture, "baselines": list(self.baselines), "seed": self.seed,
+            "derived": list(self.derived),
         }
 
     def check(self) -> None:
