@@ -39,7 +39,8 @@ from torch import Tensor
 
 from covguard.stats import Moments
 
-__all__ = ["QuadraticForm", "CovarianceConfig", "regularize", "oas_shrinkage", "quadratic_form", "COVARIANCE_FORMS"]
+__all__ = [
+    "QuadraticForm", "CovarianceConfig", "diagonal_form", "regularize", "oas_shrinkage", "quadratic_form", "COVARIANCE_FORMS"]
 
 logger = logging.getLogger(__name__)
 
@@ -241,6 +242,30 @@ def quadratic_form(moments: Moments, config: CovarianceConfig) -> QuadraticForm:
     s2 = _floor((trace - top_vals.sum(-1)) / (D - k), cov)  # (K,) isotropic residual: mean of the other eigenvalues
     gain = 1.0 / top_vals - 1.0 / s2[:, None]  # (K, k), <= 0: top directions are down-weighted
     return QuadraticForm(moments.mean, top_vecs, gain, (1.0 / s2)[:, None].expand(-1, D).clone())
+
+
+
+def diagonal_form(n: Tensor, mean: Tensor, m2: Tensor, config: CovarianceConfig) -> QuadraticForm:
+    """The diagonal scoring form from per-coordinate statistics, as :func:`quadratic_form` gives it
+    for ``form="diag"`` with ridge shrinkage from full moments.
+
+    Parameters
+    ----------
+    n : Tensor of shape (K,)
+        Total weight of each group, positive.
+    mean : Tensor of shape (K, D)
+    m2 : Tensor of shape (K, D)
+        Centered sums of squares.
+    config : CovarianceConfig
+        ``form="diag"``, ``shrinkage="ridge"``.
+    """
+    if config.form != "diag" or config.shrinkage != "ridge":
+        raise ValueError(f"diagonal statistics give form='diag' with ridge shrinkage; got {config.form!r}, {config.shrinkage!r}")
+    var = m2.double() / n.double()[:, None]  # (K, D) ML variances
+    scale = var.mean(-1, keepdim=True)  # (K, 1) tr(S) / D
+    var = var + config.eps * scale
+    tiny = torch.clamp(var.mean(-1, keepdim=True) * 1e-12, min=torch.finfo(torch.float64).tiny)  # as _floor
+    return QuadraticForm(mean.double(), None, None, 1.0 / torch.maximum(var, tiny))
 
 
 def _whitening(cov: Tensor) -> tuple[Tensor, Tensor]:

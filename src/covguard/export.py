@@ -59,6 +59,7 @@ _INPUT, _OUTPUTS = "images", ("logits", "score", "flagged")
 # other than its default is refused rather than exported with a silently different score.
 _KNOWN_HYPERPARAMETERS = frozenset({
     "layers", "covariance", "rank", "shrinkage", "eps", "kernel_size", "padding", "aggregate", "keep_moments",
+    "fit_positions", "random_state",  # fit-time options: the fitted forms carry them
     "class_weights", "scoring", "top_m", "basis_rank",
 })
 

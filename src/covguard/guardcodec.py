@@ -122,7 +122,7 @@ def encode(detector: Detector) -> Encoded:
 
 #: Patch options added after format 2: written only when they differ from their defaults, so a
 #: default detector's file is the bytes format 2 wrote (and older readers still read it).
-_LATER_OPTIONS = ("top_fraction", "normalize", "fusion", "relative")
+_LATER_OPTIONS = ("top_fraction", "normalize", "fusion", "relative", "fit_positions", "random_state")
 
 
 def patch_params(detector: PatchMahalanobis) -> dict[str, Any]:

@@ -20,10 +20,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["Moments", "StreamingMoments", "TiedMoments", "all_reduce_moments", "batch_moments", "merge_moments", "zero_moments"]
+__all__ = ["Moments", "StreamingMoments", "all_reduce_moments", "batch_moments", "merge_moments", "zero_moments"]
 
 
 @dataclass(frozen=True)
@@ -317,47 +316,3 @@ class StreamingMoments:
         local = self.moments if self.moments is not None else zero_moments(self.dim, self.n_groups, device=device)
         self.moments = all_reduce_moments(local, group=group)
         return self
-
-
-class TiedMoments:
-    """Streaming class counts, class means and pooled within-class scatter, in float64.
-
-    Memory ``O(K C + C^2)``, unlike per-class scatters (``K C^2``: 2 GB for 1000 classes of
-    512-d features). Each batch is centered on its own class means and merged with Chan's
-    formula, summed over classes: ``W = W_a + W_b + sum_k n_ak n_bk / n_k d_k d_k^T``,
-    ``d_k = mean_bk - mean_ak``.
-
-    Parameters
-    ----------
-    n_classes : int
-        ``K``.
-    dim : int
-        ``C``.
-    device : torch.device, optional
-    """
-
-    def __init__(self, n_classes: int, dim: int, device: torch.device | None = None) -> None:
-        self.n = torch.zeros(n_classes, dtype=torch.float64, device=device)  # (K,)
-        self.mean = torch.zeros(n_classes, dim, dtype=torch.float64, device=device)  # (K, C)
-        self.within = torch.zeros(dim, dim, dtype=torch.float64, device=device)  # (C, C)
-
-    def update(self, f: Tensor, y: Tensor) -> TiedMoments:
-        """Add features (N, C) with labels (N,) in [0, K); returns ``self``."""
-        f64 = f.double()
-        onehot = F.one_hot(y, self.n.shape[0]).double()  # (N, K)
-        n_b = onehot.sum(0)  # (K,)
-        mean_b = (onehot.T @ f64) / n_b.clamp_min(1)[:, None]  # (K, C)
-        dev = f64 - mean_b[y]  # (N, C)
-        n = self.n + n_b
-        delta = mean_b - self.mean  # (K, C)
-        coef = self.n * n_b / n.clamp_min(1)  # (K,) 0 where a class is new or absent from the batch
-        self.within += dev.T @ dev + (delta * coef[:, None]).T @ delta
-        self.mean += delta * (n_b / n.clamp_min(1))[:, None]
-        self.n = n
-        return self
-
-    def total(self) -> tuple[Tensor, Tensor]:
-        """Mean (C,) and scatter (C, C) of all features, labels ignored (within + between)."""
-        mean = (self.n @ self.mean) / self.n.sum()  # (C,)
-        d = self.mean - mean  # (K, C)
-        return mean, self.within + (d * self.n[:, None]).T @ d

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from covguard.covariance import QuadraticForm, quadratic_form
 from covguard.detectors.class_weights import CLASS_WEIGHTS, SCORINGS, ClassWeighting
 from covguard.detectors.patch import PatchMahalanobis
-from covguard.detectors.patch_gaussian import ExactAccumulator, SharedBasisAccumulator, repair_degenerate
+from covguard.detectors.accumulators import DiagonalAccumulator, ExactAccumulator, SharedBasisAccumulator, repair_degenerate
 
 __all__ = ["CLASS_WEIGHTS", "SCORINGS", "ClassMahalanobis"]
 
@@ -54,7 +54,8 @@ class ClassMahalanobis(PatchMahalanobis):
     relative : bool, default False
         Score ``d2_class - d2_shared`` per patch (above). Adds one shared form per layer (one
         more convolution at score); :attr:`background_forms_` holds them.
-    model, layers, covariance, rank, shrinkage, eps, kernel_size, padding, aggregate, top_fraction, normalize, fusion, keep_moments
+    model, layers, covariance, rank, shrinkage, eps, kernel_size, padding, aggregate, top_fraction, normalize, fusion,
+    keep_moments, fit_positions, random_state
         As :class:`~covguard.detectors.patch.PatchMahalanobis`.
     """
 
@@ -74,6 +75,8 @@ class ClassMahalanobis(PatchMahalanobis):
         normalize: str = "none",
         fusion: str = "sum",
         keep_moments: bool = False,
+        fit_positions: float = 1.0,
+        random_state: int = 0,
         class_weights: str = "label",
         scoring: str = "top1",
         top_m: int = 3,
@@ -83,7 +86,8 @@ class ClassMahalanobis(PatchMahalanobis):
         super().__init__(
             model, layers=layers, covariance=covariance, rank=rank, shrinkage=shrinkage, eps=eps,
             kernel_size=kernel_size, padding=padding, aggregate=aggregate, top_fraction=top_fraction,
-            normalize=normalize, fusion=fusion, keep_moments=keep_moments,
+            normalize=normalize, fusion=fusion, keep_moments=keep_moments, fit_positions=fit_positions,
+            random_state=random_state,
         )
         if basis_rank is not None:
             if isinstance(basis_rank, bool) or not isinstance(basis_rank, int) or basis_rank < 1:
@@ -120,9 +124,14 @@ class ClassMahalanobis(PatchMahalanobis):
     def fit_passes(self) -> int:
         return 1 if self.basis_rank is None else 2  # reduced statistics: basis, then classes inside it
 
-    def _new_accumulator(self, dim: int, n_groups: int) -> ExactAccumulator | SharedBasisAccumulator:
+    @property
+    def exact_moments(self) -> bool:
+        # relative distances need the pooled moments of the classes, in any covariance form
+        return self.basis_rank is None and (super().exact_moments or self.relative)
+
+    def _new_accumulator(self, dim: int, n_groups: int) -> ExactAccumulator | DiagonalAccumulator | SharedBasisAccumulator:
         if self.basis_rank is None:
-            return ExactAccumulator(dim, n_groups)
+            return super()._new_accumulator(dim, n_groups)
         return SharedBasisAccumulator(dim, n_groups, self.basis_rank)
 
     def _background_form(self, layer: str, acc: ExactAccumulator | SharedBasisAccumulator) -> QuadraticForm | None:

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from covguard.detectors.base import check_is_fitted, warn_nonfinite
 from covguard.detectors.labels import check_labels
 from covguard.detectors.state import StateSpec, TensorStateDetector
-from covguard.stats import TiedMoments
+from covguard.compact_stats import TiedMoments
 
 __all__ = ["MDS", "penultimate_features", "sq_distances", "whitening"]
 

@@ -109,15 +109,16 @@ def _batches(
 
 def _pooled_sources(detectors: Sequence[Detector]) -> dict[Detector, ClassMahalanobis]:
     """Simple detectors whose moments equal the pooled moments of a label-weighted one-pass Class
-    detector of the same layers, patch geometry and feature normalization: {Simple detector: that
-    Class detector}."""
+    detector of the same layers, patch geometry and feature normalization, both accumulating every
+    patch position exactly: {Simple detector: that Class detector}."""
     sources = [
         det for det in detectors
         if isinstance(det, ClassMahalanobis) and det.class_weights == "label" and det.fit_passes == 1
+        and det.exact_moments and det.fit_positions == 1
     ]
     out = {}
     for det in detectors:
-        if type(det) is not SimpleMahalanobis:
+        if type(det) is not SimpleMahalanobis or det.fit_positions != 1:
             continue
         for src in sources:
             if src.normalize == det.normalize and all(

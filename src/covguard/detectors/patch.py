@@ -35,7 +35,8 @@ from covguard.detectors.base import Detector, check_is_fitted, warn_nonfinite
 from covguard.detectors.distributed import sync_shards, use_distributed
 from covguard.detectors.class_weights import ClassWeighting, SharedGroup
 from covguard.detectors.layer_fusion import FUSIONS, LayerFusion, check_layer_scores
-from covguard.detectors.patch_gaussian import NORMALIZATIONS, ExactAccumulator, PatchGaussian, per_layer, saturate
+from covguard.detectors.accumulators import DiagonalAccumulator, ExactAccumulator, subsample_positions
+from covguard.detectors.patch_gaussian import NORMALIZATIONS, PatchGaussian, per_layer, saturate
 from covguard.detectors.patch_state import PatchState
 from covguard.features import model_device, model_dtype, parameter_sha256
 from covguard.stats import Moments, all_reduce_moments, batch_moments, zero_moments
@@ -79,6 +80,11 @@ class PatchMahalanobis(PatchState, Detector):
     keep_moments : bool
         Keep the fitted moments (``moments_``, float64: ``K D^2`` numbers per layer) so that
         :meth:`refit` derives other covariance forms without another pass over the data.
+    fit_positions : float
+        Share of each fit image's patch positions accumulated, in (0, 1]: a seeded random
+        ``max(1, round(fit_positions L))`` per image and layer (faster fits; scoring uses them all).
+    random_state : int
+        Seed of those draws.
 
     Notes
     -----
@@ -105,6 +111,8 @@ class PatchMahalanobis(PatchState, Detector):
         normalize: str = "none",
         fusion: str = "sum",
         keep_moments: bool = False,
+        fit_positions: float = 1.0,
+        random_state: int = 0,
     ) -> None:
         super().__init__(model, layers=layers)
         if not self.layers:
@@ -121,7 +129,9 @@ class PatchMahalanobis(PatchState, Detector):
         self.kernel_size, self.padding = kernel_size, padding
         self.aggregate, self.top_fraction = aggregate, top_fraction
         self.normalize, self.fusion = normalize, fusion
-        self.keep_moments = keep_moments
+        if isinstance(fit_positions, bool) or not isinstance(fit_positions, (int, float)) or not 0 < fit_positions <= 1:
+            raise ValueError(f"fit_positions must be a number in (0, 1]; got {fit_positions!r}")
+        self.keep_moments, self.fit_positions, self.random_state = keep_moments, fit_positions, random_state
         sizes = per_layer(kernel_size, self.layers, "kernel_size")
         pads = per_layer(padding, self.layers, "padding")
         self.gaussians = {
@@ -208,11 +218,18 @@ class PatchMahalanobis(PatchState, Detector):
         local = batch_moments(per_layer.to(device)) if len(per_layer) else zero_moments(len(self.layers), device=device)
         self.layer_fusion.fit_moments(all_reduce_moments(local))
 
-    def _new_accumulator(self, dim: int, n_groups: int):
-        return ExactAccumulator(dim, n_groups)
+    @property
+    def exact_moments(self) -> bool:
+        """Whether a fit accumulates the exact moments of every group (:meth:`accumulated_moments`);
+        a diagonal form with ridge shrinkage keeps per-coordinate statistics only (D, not D^2, per patch)."""
+        return self.covariance != "diag" or self.shrinkage != "ridge" or self.keep_moments
+
+    def _new_accumulator(self, dim: int, n_groups: int) -> ExactAccumulator | DiagonalAccumulator:
+        return ExactAccumulator(dim, n_groups) if self.exact_moments else DiagonalAccumulator(dim, n_groups)
 
     def _fit_begin(self) -> None:
         self._accumulators, self.moments_ = {}, {}
+        self._draws = torch.Generator().manual_seed(self.random_state)  # fit_positions
         self.layer_fusion = LayerFusion(len(self.layers), self.fusion)
         self.model_sha256_ = None
         for g in self.gaussians.values():
@@ -231,11 +248,13 @@ class PatchMahalanobis(PatchState, Detector):
         self._fit_prepare(logits, feats)
         weights = self.weighting.at_fit(logits, y)  # (N, K) or None
         for layer, f in feats.items():
-            self._accumulators[layer].update(self.current_pass, *self.gaussians[layer].patches(f, weights))
+            p, w = self.gaussians[layer].patches(f, weights)  # (N L, D), (N L, K) or None
+            self._accumulators[layer].update(self.current_pass, *subsample_positions(p, w, f.shape[0], self.fit_positions, self._draws))
 
     def _fit_end_pass(self, index: int) -> None:
         for acc in self._accumulators.values():
             acc.end_pass(index)
+        self._draws.manual_seed(self.random_state)  # a next pass (basis_rank) draws the same positions
 
     def _fit_reduce(self) -> None:
         device = model_device(self.model)

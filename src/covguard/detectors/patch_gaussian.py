@@ -1,11 +1,9 @@
-"""One layer's patch Gaussians: accumulate the moments of its patch vectors, estimate, score as a convolution.
+"""One layer's patch Gaussians: the patch geometry, the fitted forms, distances as a convolution.
 
 A :class:`PatchGaussian` owns one tapped layer: its patch geometry (``k x k`` patches of a
-zero-padded map, ``D = C k^2``), an accumulator of the moments of its patch vectors (pluggable:
-:class:`ExactAccumulator` keeps the exact moments of every group, :class:`SharedBasisAccumulator`
-the reduced class statistics of :mod:`covguard.class_stats` in two passes), the fitted
-:class:`~covguard.covariance.QuadraticForm` of each group, and the squared-distance map of new
-feature maps. Options: each position's channel vector divided by its L2 norm before patches are
+zero-padded map, ``D = C k^2``), the fitted :class:`~covguard.covariance.QuadraticForm` of each
+group (estimated by an accumulator of :mod:`covguard.detectors.accumulators`), and the
+squared-distance map of new feature maps. Options: each position's channel vector divided by its L2 norm before patches are
 formed (``normalize="position"``, at fit and at score alike), and a shared *background* form
 whose distance is subtracted from every patch's (relative distances).
 
@@ -18,27 +16,20 @@ finite marked.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Mapping
 
 import torch
 from torch import Tensor
 
-from covguard.class_stats import SharedBasisClassMoments, reduced_quadratic_form
-from covguard.covariance import CovarianceConfig, QuadraticForm, quadratic_form
+from covguard.covariance import QuadraticForm
 from covguard.patches import output_size, patch_mahalanobis_sq, patch_vectors
-from covguard.stats import Moments, StreamingMoments
 
 __all__ = [
     "NORMALIZATIONS",
     "NORMALIZE_EPS",
-    "ExactAccumulator",
     "PatchGaussian",
-    "SharedBasisAccumulator",
-    "fill_groups",
     "normalize_positions",
     "per_layer",
-    "repair_degenerate",
     "saturate",
 ]
 
@@ -64,40 +55,6 @@ def normalize_positions(f: Tensor) -> Tensor:
     return f / (norm + NORMALIZE_EPS).to(f.dtype)
 
 
-def fill_groups(moments: Moments, groups: list[int]) -> Moments:
-    """Give ``groups`` (of zero weight) the pooled moments of all groups."""
-    if not groups:
-        return moments
-    pooled = moments.pooled()
-    n, mean, scatter = moments.n.clone(), moments.mean.clone(), moments.scatter.clone()
-    n[groups], mean[groups], scatter[groups] = pooled.n, pooled.mean, pooled.scatter
-    return Moments(n, mean, scatter)
-
-
-def repair_degenerate(layer: str, moments: Moments) -> Moments:
-    """Give groups with zero variance in every coordinate the pooled covariance (or raise if all are)."""
-    trace = torch.diagonal(moments.scatter, dim1=-2, dim2=-1).sum(-1)  # (K,)
-    flat = (trace <= 0).nonzero().flatten()
-    if len(flat) == 0:
-        return moments
-    if len(flat) == moments.n_groups:
-        raise ValueError(
-            f"the fit patches of layer {layer!r} have zero variance in every coordinate (constant activations, "
-            "or a single patch); a Mahalanobis distance is undefined: fit on more varied images or tap another layer"
-        )
-    warnings.warn(
-        f"groups {flat.tolist()} have zero variance at layer {layer!r} (constant activations or a single patch); "
-        "they use the pooled covariance of all groups",
-        RuntimeWarning,
-        stacklevel=6,
-    )
-    keep = (trace > 0).nonzero().flatten()
-    pooled = Moments(moments.n[keep], moments.mean[keep], moments.scatter[keep]).pooled()
-    scatter = moments.scatter.clone()
-    scatter[flat] = moments.n[flat, None, None] * (pooled.scatter / pooled.n[:, None, None])  # (k, D, D)
-    return Moments(moments.n, moments.mean, scatter)
-
-
 def per_layer(value: int | Mapping[str, int], layers: tuple[str, ...], name: str) -> dict[str, int]:
     """Expand an int or a {layer: int} mapping to every layer, validating it."""
     if isinstance(value, Mapping):
@@ -113,92 +70,6 @@ def per_layer(value: int | Mapping[str, int], layers: tuple[str, ...], name: str
         raise ValueError(f"{name} must be an integer >= {low} (or a mapping of layer to one); got {bad}")
     return out
 
-
-class ExactAccumulator:
-    """Exact weighted moments of ``K`` groups of patch vectors, in one pass (``K D^2`` numbers).
-
-    Batches are reduced in float32 after centering and merged in float64 (DESIGN.md, Fit):
-    twice the speed of a float64 reduction, about 1e-6 relative error per batch.
-    """
-
-    passes = 1
-
-    def __init__(self, dim: int, n_groups: int) -> None:
-        self._acc = StreamingMoments(dim, n_groups=n_groups, reduce_dtype=torch.float32)
-
-    @classmethod
-    def from_moments(cls, moments: Moments) -> ExactAccumulator:
-        """An accumulator holding given moments (float64)."""
-        acc = cls(moments.dim, moments.n_groups)
-        acc._acc.moments = moments
-        return acc
-
-    def update(self, pass_index: int, p: Tensor, w: Tensor | None) -> None:
-        """Add patches (M, D) with group weights (M, K) or None (one group)."""
-        # the detector checked every feature map: the patches of a finite map are finite
-        self._acc.update(p, w, check_finite=False)
-
-    def end_pass(self, pass_index: int) -> None:
-        """Nothing to do between passes: there is one."""
-
-    def all_reduce(self, device: torch.device) -> None:
-        """Sum the moments of every process of the group."""
-        self._acc.all_reduce(device=device)
-
-    @property
-    def moments(self) -> Moments:
-        """The accumulated moments (float64), K groups."""
-        return self._acc.moments
-
-    def counts(self) -> Tensor:
-        """Total weight of each group, shape (K,)."""
-        return self._acc.moments.n
-
-    def form(self, layer: str, config: CovarianceConfig, empty: list[int]) -> QuadraticForm:
-        """The fitted form; ``empty`` groups take the pooled statistics."""
-        return quadratic_form(repair_degenerate(layer, fill_groups(self._acc.moments, empty)), config)
-
-    def pooled_moments(self) -> Moments:
-        """The moments of every group merged into one (K = 1): the shared statistics."""
-        return self._acc.moments.pooled()
-
-
-class SharedBasisAccumulator:
-    """Reduced class statistics (:class:`~covguard.class_stats.SharedBasisClassMoments`) in two passes.
-
-    Pass 0 accumulates the class means and the pooled within-class scatter, whose top ``rank``
-    eigenvectors become the shared basis at the end of the pass; pass 1 the class moments inside it.
-    """
-
-    passes = 2
-
-    def __init__(self, dim: int, n_groups: int, rank: int) -> None:
-        self._acc = SharedBasisClassMoments(dim, n_groups, rank=rank)
-
-    def update(self, pass_index: int, p: Tensor, w: Tensor) -> None:
-        if pass_index == 0:
-            self._acc.update_pooled(p, w)
-        else:
-            self._acc.update(p, w)
-
-    def end_pass(self, pass_index: int) -> None:
-        if pass_index == 0:
-            self._acc.fit_basis()
-
-    def all_reduce(self, device: torch.device) -> None:
-        raise ValueError("basis_rank statistics cannot fit distributed; fit on one process (distributed=False)")
-
-    def counts(self) -> Tensor:
-        return self._acc.result().n
-
-    def form(self, layer: str, config: CovarianceConfig, empty: list[int]) -> QuadraticForm:
-        stats = self._acc.result()
-        return reduced_quadratic_form(stats.with_pooled(empty) if empty else stats, config)
-
-    def pooled_moments(self) -> Moments:
-        """The exact moments of all groups merged (K = 1), from the first pass: within-class
-        scatter plus the scatter of the class means."""
-        return self._acc.pooled_moments()
 
 
 class PatchGaussian:

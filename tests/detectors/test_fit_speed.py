@@ -1,0 +1,75 @@
+"""Fit speed options: per-coordinate statistics for diagonal forms, a seeded share of patch positions."""
+
+import numpy as np
+import pytest
+import torch
+
+import covguard as cg
+from covguard.covariance import CovarianceConfig, diagonal_form, quadratic_form
+from covguard.detectors.accumulators import subsample_positions
+from covguard.compact_stats import StreamingDiagonalMoments
+from covguard.stats import batch_moments
+
+
+def test_streaming_diagonal_moments_equal_numpy_per_group_without_a_loop():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(500, 7, generator=gen, dtype=torch.float64) * 3 + 10
+    w = torch.rand(500, 4, generator=gen, dtype=torch.float64)
+    w[:, 3] = 0  # an empty group
+    acc = StreamingDiagonalMoments(7, 4)
+    for i in range(0, 500, 64):  # batch size must not matter
+        acc.update(x[i : i + 64].float(), w[i : i + 64].float())
+    xn, wn = x.numpy(), w.numpy()
+    for k in range(3):
+        n = wn[:, k].sum()
+        mean = (wn[:, k, None] * xn).sum(0) / n
+        m2 = (wn[:, k, None] * (xn - mean) ** 2).sum(0)
+        np.testing.assert_allclose(acc.n[k].item(), n, rtol=1e-6)
+        np.testing.assert_allclose(acc.mean[k].numpy(), mean, rtol=1e-5)
+        np.testing.assert_allclose(acc.m2[k].numpy(), m2, rtol=1e-4)
+    assert acc.n[3] == 0
+
+
+def test_diagonal_form_equals_the_full_moments_path():
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(300, 5, generator=gen, dtype=torch.float64) * torch.arange(1.0, 6.0, dtype=torch.float64)
+    m = batch_moments(x)
+    config = CovarianceConfig(form="diag", eps=0.05)
+    ref = quadratic_form(m, config)
+    got = diagonal_form(m.n, m.mean, torch.diagonal(m.scatter, dim1=-2, dim2=-1), config)
+    torch.testing.assert_close(got.diag, ref.diag)
+    torch.testing.assert_close(got.mean, ref.mean)
+    with pytest.raises(ValueError, match="diagonal statistics give form='diag' with ridge"):
+        diagonal_form(m.n, m.mean, m.scatter[:, 0], CovarianceConfig(form="diag", shrinkage="oas"))
+
+
+@pytest.mark.parametrize("cls", [cg.SimpleMahalanobis, cg.ClassMahalanobis])
+def test_diagonal_detector_keeps_only_per_coordinate_statistics_and_scores_as_the_exact_path(tiny_model, images, cls):
+    x, y = images
+    fit, hold = [(x[:160], y[:160])], [x[160:]]
+    fast = cls(tiny_model, layers=["block1", "block2"], covariance="diag").fit(fit, holdout=hold, progress=False)
+    exact = cls(tiny_model, layers=["block1", "block2"], covariance="diag", keep_moments=True).fit(fit, holdout=hold, progress=False)
+    assert not fast.exact_moments and exact.exact_moments
+    torch.testing.assert_close(fast.score(x[:30]), exact.score(x[:30]), rtol=1e-4, atol=1e-4)
+
+
+def test_fit_positions_draws_a_seeded_share_of_each_images_patches(tiny_model, images):
+    x, y = images
+    p = torch.arange(6 * 10, dtype=torch.float32).reshape(60, 1)  # 6 images x 10 positions
+    kept, w = subsample_positions(p, None, 6, 0.3, torch.Generator().manual_seed(0))
+    assert w is None and kept.shape == (18, 1)
+    assert [int((kept // 10 == i).sum()) for i in range(6)] == [3] * 6  # 3 positions of every image
+    again, _ = subsample_positions(p, None, 6, 0.3, torch.Generator().manual_seed(0))
+    assert torch.equal(kept, again)
+
+    def fitted(**kwargs):
+        det = cg.ClassMahalanobis(tiny_model, layers=["block1"], keep_moments=True, **kwargs)
+        return det.fit([(x[:160], y[:160])], progress=False)
+
+    full, half, half_again, other = fitted(), fitted(fit_positions=0.5), fitted(fit_positions=0.5), fitted(fit_positions=0.5, random_state=1)
+    L = 6 * 6  # block1 gives 8x8 maps: 6x6 positions of 3x3 patches without padding
+    assert full.moments_["block1"].n.sum() == 160 * L and half.moments_["block1"].n.sum() == 160 * round(0.5 * L)
+    assert torch.equal(half.score(x[:20]), half_again.score(x[:20]))  # seeded
+    assert not torch.equal(half.score(x[:20]), other.score(x[:20]))
+    with pytest.raises(ValueError, match="fit_positions must be a number in"):
+        cg.SimpleMahalanobis(tiny_model, layers=["block1"], fit_positions=0)
