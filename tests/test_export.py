@@ -35,6 +35,8 @@ CASES = [
     (cg.ClassMahalanobis, {"covariance": "diag"}),
     (cg.ClassMahalanobis, {"covariance": "lowrank", "rank": 4, "aggregate": "max"}),
     (cg.ClassMahalanobis, {"covariance": "full", "scoring": "mixture", "top_m": 2, "kernel_size": {"block1": 3, "block2": 1}}),
+    (cg.ClassMahalanobis, {"covariance": "full", "fusion": "gaussian"}),
+    (cg.SimpleMahalanobis, {"covariance": "diag", "fusion": "max"}),
 ]
 
 

@@ -75,13 +75,16 @@ def test_fit_writes_a_calibrated_guard_from_held_out_images_only(setup, tmp_path
     data = read_training_images(root / "train", channels=1, labeled=True, progress=False)
     fit_idx, cal_idx = split_calibration(len(data), 0.2, seed=0)
     assert len(set(fit_idx.tolist()) | set(cal_idx.tolist())) == 90 and not set(fit_idx.tolist()) & set(cal_idx.tolist())
-    ref = cg.ClassMahalanobis(model, layers=["block1", "block2", "block3"])
+    assert guard.detector.fusion == "gaussian"  # the deploy default: two-sided
+    ref = cg.ClassMahalanobis(model, layers=["block1", "block2", "block3"], fusion="gaussian")
     ref.fit([(data.float(fit_idx), data.labels[fit_idx])], holdout=[data.float(cal_idx)], progress=False)
     for layer in ref.layers:
         torch.testing.assert_close(guard.detector.forms_[layer].mean, ref.forms_[layer].mean)
     layer_scores = ref.layer_scores(data.float(cal_idx))  # (N, L) float64
     torch.testing.assert_close(guard.detector.score_mean_, layer_scores.mean(0), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(guard.detector.score_std_, layer_scores.std(0), rtol=1e-5, atol=1e-6)
+    correlation = guard.detector.fusion_state()["correlation"]
+    torch.testing.assert_close(correlation, torch.corrcoef(layer_scores.T), rtol=1e-5, atol=1e-6)
     expected = Calibration.from_scores(ref.score(data.float(cal_idx)), 0.9)
     assert guard.calibration_.n == 18 and guard.calibration_.threshold == pytest.approx(expected.threshold, rel=1e-5)
 

@@ -265,6 +265,7 @@ def _add_model(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_fit(parser: argparse.ArgumentParser) -> None:
+    from covguard.detectors.layer_fusion import FUSIONS
     from covguard.fitting import DETECTOR_KINDS, FitConfig
 
     d = FitConfig()
@@ -277,6 +278,8 @@ def _add_fit(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layers", nargs="+", default=None, help="modules to tap (default: the model's feature_layers)")
     parser.add_argument("--covariance", choices=COVARIANCE_FORMS, default=d.covariance)
     parser.add_argument("--rank", type=int, default=d.rank, help="eigenpairs kept by --covariance lowrank")
+    parser.add_argument("--fusion", choices=FUSIONS, default=d.fusion,
+                        help="layer fusion: gaussian (default; two-sided, also flags too-typical inputs such as blank frames), sum, max")
     parser.add_argument("--calibration-fraction", type=float, default=d.calibration_fraction,
                         help="seeded held-out share of PATH that standardizes layer scores and sets the threshold")
     parser.add_argument("--tpr", type=float, default=d.tpr, help="share of held-out in-distribution images accepted")

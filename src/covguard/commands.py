@@ -203,7 +203,7 @@ def fit(args: argparse.Namespace) -> int:
         raise ValueError(f"--out {args.out!r} is a folder; name the guard file to write")
     config = FitConfig(
         detector=args.detector, layers=None if args.layers is None else tuple(args.layers), covariance=args.covariance,
-        rank=args.rank, calibration_fraction=args.calibration_fraction, tpr=args.tpr, batch_size=args.batch_size,
+        rank=args.rank, fusion=args.fusion, calibration_fraction=args.calibration_fraction, tpr=args.tpr, batch_size=args.batch_size,
         seed=args.seed, progress=not args.no_progress,
     )
     model = load_classifier(

@@ -47,6 +47,7 @@ from torch import Tensor, nn
 
 from covguard.detectors import ClassMahalanobis, SimpleMahalanobis
 from covguard.detectors.base import check_is_fitted
+from covguard.detectors.layer_fusion import GAUSSIAN_RIDGE
 from covguard.features import FeatureTap, eval_mode, model_device, model_dtype
 
 __all__ = ["DEFAULT_OPSET", "EXPORT_FORMATS", "GuardedModel", "export_guard", "verify_onnx"]
@@ -60,6 +61,7 @@ _INPUT, _OUTPUTS = "images", ("logits", "score", "flagged")
 _KNOWN_HYPERPARAMETERS = frozenset({
     "layers", "covariance", "rank", "shrinkage", "eps", "kernel_size", "padding", "aggregate", "keep_moments",
     "fit_positions", "random_state",  # fit-time options: the fitted forms carry them
+    "fusion",
     "class_weights", "scoring", "top_m", "basis_rank",
 })
 
@@ -181,6 +183,11 @@ class GuardedModel(nn.Module):
         self.distances.to(device)
         self.register_buffer("score_mean", detector.score_mean_.double().to(device))  # (n_layers,)
         self.register_buffer("score_std", detector.score_std_.double().to(device))  # (n_layers,)
+        self.fusion = detector.fusion
+        if self.fusion == "gaussian":  # W with W^T W = (R + ridge I)^-1: the inverse Cholesky factor
+            corr = detector.fusion_state()["correlation"]
+            ridged = corr + GAUSSIAN_RIDGE * torch.eye(len(corr), dtype=torch.float64)
+            self.register_buffer("whitening", torch.linalg.inv(torch.linalg.cholesky(ridged)).to(device))  # (L, L)
         self.register_buffer("threshold", torch.tensor(float(threshold), dtype=torch.float64, device=device))
         self.input_shape = tuple(detector.input_shape_)
         self.training = False  # an inference wrapper; the classifier's own mode is left as it is
@@ -209,9 +216,15 @@ class GuardedModel(nn.Module):
                 maps = maps[:, 0]  # (N, H', W')
             flat = maps.flatten(1)  # (N, H' W')
             s = flat.double().mean(1) if self.aggregate == "mean" else flat.amax(1).double()  # (N,)
-            columns.append(s.to(maps.dtype).double())  # rounded to the model's dtype, as the detector does
+            columns.append(s)
         layer_scores = torch.stack(columns, dim=1)  # (N, n_layers) float64
-        combined = ((layer_scores - self.score_mean) / self.score_std).sum(1)  # (N,) float64
+        z = (layer_scores - self.score_mean) / self.score_std  # (N, n_layers); one layer: mean 0, std 1
+        if self.fusion == "max":
+            combined = z.amax(1)  # (N,) float64
+        elif self.fusion == "gaussian":
+            combined = (z @ self.whitening.T).square().sum(1)  # z^T (R + ridge I)^-1 z
+        else:
+            combined = z.sum(1)
         score = combined.to(logits.dtype)
         score = torch.where(torch.isnan(score), torch.full_like(score, float("inf")), score)
         flagged = ~(score.double() <= self.threshold)

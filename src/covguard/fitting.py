@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from covguard.detectors import ClassMahalanobis, SimpleMahalanobis
 from covguard.data.training_images import TrainingImages
+from covguard.detectors.layer_fusion import FUSIONS
 from covguard.features import FeatureTap, eval_mode, model_device, model_dtype
 from covguard.guard import Guard
 
@@ -154,6 +155,9 @@ class FitConfig:
     layers: tuple[str, ...] | None = None  # None: the model's feature_layers with maps of >= 3x3
     covariance: str = "full"  # "full", "diag" or "lowrank"
     rank: int = 64  # eigenpairs kept by "lowrank"
+    # layer fusion: "gaussian" is two-sided, so a deployed guard also flags inputs too typical in some
+    # layers, such as blank frames, which the sum of z-scores passes (results/suite)
+    fusion: str = "gaussian"
     calibration_fraction: float = 0.1  # held-out share: standardizes layer scores and sets the threshold
     tpr: float = 0.95  # share of held-out in-distribution images accepted
     batch_size: int = 64
@@ -171,6 +175,8 @@ class FitConfig:
             raise ValueError(f"--batch-size must be >= 1; got {self.batch_size}")
         if self.rank < 1:
             raise ValueError(f"--rank must be >= 1; got {self.rank}")
+        if self.fusion not in FUSIONS:
+            raise ValueError(f"--fusion must be one of {FUSIONS}; got {self.fusion!r}")
 
 
 @dataclass(frozen=True)
@@ -236,7 +242,9 @@ def fit_guard(model: nn.Module, data: TrainingImages, config: FitConfig) -> tupl
     fit_index, cal_index = split_calibration(len(data), config.calibration_fraction, seed=config.seed)
     fit_batches = _Batches(data, fit_index, config.batch_size, dtype, with_labels=labeled)
     cal_batches = _Batches(data, cal_index, config.batch_size, dtype, with_labels=False)
-    detector = DETECTOR_KINDS[config.detector](model, layers=layers, covariance=config.covariance, rank=config.rank)
+    detector = DETECTOR_KINDS[config.detector](
+        model, layers=layers, covariance=config.covariance, rank=config.rank, fusion=config.fusion
+    )
     detector.fit(fit_batches, holdout=cal_batches, progress=config.progress)
     guard = Guard(model, detector).calibrate(cal_batches, tpr=config.tpr, progress=config.progress)
     calibration = guard.calibration_

@@ -115,6 +115,7 @@ class LayerFusion:
         correlation = None
         if self.method == "gaussian":
             correlation = cov / (std[:, None] * std[None, :])  # (L, L)
+            correlation = (correlation + correlation.T) / 2  # exactly symmetric, as a saved file must be
         self.set(moments.mean[0], std, correlation)
 
     def combine(self, layer_scores: Tensor) -> Tensor:
