@@ -6,7 +6,8 @@
   removal of CIFAR-overlapping images: that list is not available here).
 - Far-OOD: MNIST, as is (lossless) and JPEG-matched (PIL quality 75, 4:2:0, like the CIFAR copy).
   Missing from OpenOOD's far set here: SVHN, Textures, Places365.
-- Synthetic (reported apart, never in the means): uniform and Gaussian noise.
+- Synthetic (reported apart, never in the means): uniform and Gaussian noise, blank frames (solid
+  colours and near-constant images, :func:`covguard.data.synthetic.blank_frames`).
 - Hyperparameters are fixed in :class:`OODConfig` before any OOD data is seen (the default
   ``protocol="fixed"``); ``protocol="validation"`` (or ``"both"``) adds OpenOOD v1.5's
   validation protocol, each method's configuration chosen on ID-val vs OOD-val
@@ -41,7 +42,7 @@ from covguard.bench.validation import (
 )
 from covguard.data.images import jpeg_matched
 from covguard.data.registry import load_set
-from covguard.data.synthetic import gaussian_noise, uniform_noise
+from covguard.data.synthetic import blank_frames, gaussian_noise, uniform_noise
 from covguard.detectors.likelihood import log_likelihood
 from covguard.detectors.multi import fit_detectors, score_detectors
 from covguard.metrics import evaluate, fpr_at_95tpr_ood_positive
@@ -54,7 +55,7 @@ logger = logging.getLogger(__name__)
 
 NEAR = ("cifar100", "tin")
 FAR = ("mnist", "mnist_jpeg")
-SYNTHETIC = ("uniform_noise", "gaussian_noise")
+SYNTHETIC = ("uniform_noise", "gaussian_noise", "blank")
 #: Detector shown first in tables: fixed before any OOD data was scored.
 HEADLINE = "class_mahalanobis_top1"
 
@@ -67,7 +68,7 @@ class OODConfig:
     n_holdout: int = 5000  # training images held out from fit to standardize layer scores
     max_train: int | None = None  # cap on fit images (reduced runs); None = all the rest
     max_eval: int | None = None  # cap on images per evaluation set (reduced runs)
-    n_noise: int = 2000  # images per synthetic noise set
+    n_noise: int = 2000  # images per synthetic set (uniform and Gaussian noise, blank frames)
     covariance: str = "full"
     mixture: bool = False  # also score class_mahalanobis_mixture (3x the top-1 scoring cost)
     variants: bool = False  # the variant sweep (VARIANTS) with its ID-only selection rule
@@ -109,6 +110,7 @@ def _eval_sets(root: Path, cfg: OODConfig) -> dict:
         "mnist_jpeg": jpeg_matched(mnist),
         "uniform_noise": (uniform_noise(n_noise, size=32, channels=3, seed=cfg.seed) * 255).round().to(torch.uint8),
         "gaussian_noise": (gaussian_noise(n_noise, size=32, channels=3, seed=cfg.seed) * 255).round().to(torch.uint8),
+        "blank": (blank_frames(n_noise, size=32, channels=3, seed=cfg.seed) * 255).round().to(torch.uint8),
     }
     return {"id": (test.images[pick], test.labels[pick]), "ood": ood, "split": split}
 
@@ -266,7 +268,7 @@ def render_markdown(results: dict) -> str:
     lines = [
         "# OOD detection on CIFAR-10 (JPEG copy), OpenOOD v1.5 protocol on the sets available here",
         "",
-        "Near: CIFAR-100, Tiny ImageNet (val). Far: MNIST as is and JPEG-matched. Noise sets are "
+        "Near: CIFAR-100, Tiny ImageNet (val). Far: MNIST as is and JPEG-matched. Noise sets and blank frames are "
         "reported apart and are not in the means. Values: mean ± std over checkpoints, in %. "
         f"Images per set: {', '.join(f'{k} {v}' for k, v in results['n_images'].items())}. "
         f"Weights: {weights_description(results['config'])}.",
@@ -288,7 +290,8 @@ def render_markdown(results: dict) -> str:
             for layer in per_layer:
                 row = {"detector": det, "layer": layer}
                 for s in sets:
-                    row[s] = format_mean_std([m["layer_auroc"][s][det][layer] for m in models.values()])
+                    values = [m["layer_auroc"][s][det][layer] for m in models.values() if s in m["layer_auroc"]]
+                    row[s] = format_mean_std(values) if values else None
                 rows.append(row)
         lines += [f"## Per-layer AUROC of the patch detectors{suffix}", "", markdown_table(rows, ["detector", "layer", *sets]), ""]
         lines += _best_line(models, detectors, lambda m: m["metrics"])
@@ -312,8 +315,9 @@ def _metric_tables(models: dict, detectors: Sequence[str], get: Callable[[dict],
         rows = []
         for det in detectors:
             row = {"method": det}
-            for s in sets:
-                row[s] = format_mean_std([get(m)[s][det][key] for m in models.values()])
+            for s in sets:  # a report written before a synthetic set existed leaves its cell empty
+                values = [get(m)[s][det][key] for m in models.values() if s in get(m)]
+                row[s] = format_mean_std(values) if values else None
             row["near"] = format_mean_std([_group_mean(get(m), det, NEAR, key) for m in models.values()])
             row["far"] = format_mean_std([_group_mean(get(m), det, FAR, key) for m in models.values()])
             rows.append(row)
@@ -349,7 +353,8 @@ def _variants_markdown(models: dict) -> list[str]:
             format_mean_std([p["holdout_log_likelihood"] for p in per], scale=1.0, digits=3),
         }
         for s in sets:
-            row[s] = format_mean_std([p["auroc"][s] for p in per])
+            values = [p["auroc"][s] for p in per if s in p["auroc"]]
+            row[s] = format_mean_std(values) if values else None
         row["near"] = format_mean_std([sum(p["auroc"][s] for s in NEAR) / len(NEAR) for p in per])
         row["far"] = format_mean_std([sum(p["auroc"][s] for s in FAR) / len(FAR) for p in per])
         rows.append(row)
