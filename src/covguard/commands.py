@@ -194,21 +194,14 @@ def fit(args: argparse.Namespace) -> int:
     """Run ``covguard fit``: fit and calibrate a guard on a folder or tar of training images."""
     from covguard.data.training_images import read_training_images
     from covguard.fitting import FitConfig, fit_guard, input_channels
-    from covguard.models.user import load_classifier
 
-    out = Path(args.out)
-    if out.exists() and not args.force:
-        raise FileExistsError(f"--out {args.out!r} exists; pass --force to overwrite it")
-    if out.is_dir():
-        raise ValueError(f"--out {args.out!r} is a folder; name the guard file to write")
+    out = _new_output(args.out, args.force)
     config = FitConfig(
         detector=args.detector, layers=None if args.layers is None else tuple(args.layers), covariance=args.covariance,
         rank=args.rank, fusion=args.fusion, calibration_fraction=args.calibration_fraction, tpr=args.tpr, batch_size=args.batch_size,
         seed=args.seed, progress=not args.no_progress,
     )
-    model = load_classifier(
-        name=args.model, model_file=args.model_file, weights=args.weights, model_args=args.model_arg, device=args.device
-    )
+    model = _classifier(args)
     channels = args.channels or input_channels(model)
     data = read_training_images(
         args.train, channels=channels, labeled=config.detector == "class",
@@ -227,18 +220,11 @@ def export(args: argparse.Namespace) -> int:
     from covguard.export import export_guard, verify_onnx
     from covguard.features import model_dtype
     from covguard.guard import load_guard
-    from covguard.models.user import load_classifier
 
-    out = Path(args.out)
-    if out.exists() and not args.force:
-        raise FileExistsError(f"--out {args.out!r} exists; pass --force to overwrite it")
-    if out.is_dir():
-        raise ValueError(f"--out {args.out!r} is a folder; name the file to write")
+    out = _new_output(args.out, args.force)
     if not Path(args.detector).is_file():
         raise FileNotFoundError(f"--detector {args.detector!r} does not exist")
-    model = load_classifier(
-        name=args.model, model_file=args.model_file, weights=args.weights, model_args=args.model_arg, device=args.device
-    )
+    model = _classifier(args)
     guard = load_guard(args.detector, model, strict_model=not args.no_strict_model)
     export_guard(guard, out, format=args.format, opset=args.opset)
     C, H, W = guard.detector.input_shape_
@@ -261,3 +247,22 @@ def export(args: argparse.Namespace) -> int:
             f"{check['flags_differ']} flags differ"
         )
     return 0
+
+
+def _new_output(value: str, force: bool) -> Path:
+    """``--out`` as a path: refused when it is a folder, or exists without ``--force``."""
+    out = Path(value)
+    if out.is_dir():
+        raise ValueError(f"--out {value!r} is a folder; name the file to write")
+    if out.exists() and not force:
+        raise FileExistsError(f"--out {value!r} exists; pass --force to overwrite it")
+    return out
+
+
+def _classifier(args: argparse.Namespace) -> "torch.nn.Module":
+    """The model of ``--model`` / ``--model-file`` with ``--weights``, on ``--device``, in eval mode."""
+    from covguard.models.user import load_classifier
+
+    return load_classifier(
+        name=args.model, model_file=args.model_file, weights=args.weights, model_args=args.model_arg, device=args.device
+    )
