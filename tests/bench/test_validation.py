@@ -9,8 +9,8 @@ import torch
 from conftest import make_images
 from fake_root import build_root, train_tiny_net
 
-import covguard.bench.adversarial as adversarial_bench
 import covguard.bench.ood as ood_bench
+import covguard.bench.own_data as own_data
 from covguard.bench.adversarial import AdversarialConfig, run_adversarial
 from covguard.bench.common import CIFAR_LAYERS, VARIANTS
 from covguard.bench.ood import OODConfig, run_ood
@@ -134,8 +134,7 @@ def fake(tmp_path_factory, one_thread):
         train = load_set("cifar10_train", root, progress=False)
         model = train_tiny_net(train.float(), train.labels)  # 100 % accurate on these class colours
         load = lambda root, name, device="cpu", **kw: copy.deepcopy(model).to(device).eval()  # noqa: E731
-        mp.setattr(ood_bench, "load_cifar_model", load)
-        mp.setattr(adversarial_bench, "load_cifar_model", load)
+        mp.setattr(own_data, "load_cifar_model", load)  # the default model source of both benchmarks
         yield root
 
 
