@@ -220,7 +220,7 @@ def test_cli_passes_the_protocol(fake, monkeypatch, tmp_path):
 
     seen = {}
 
-    def fake_run(root, out, config):
+    def fake_run(root, out, config, *, models=None, data=None):
         seen["config"] = config
         (tmp_path / "results.md").write_text("report")
 
