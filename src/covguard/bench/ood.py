@@ -366,7 +366,7 @@ def _best_line(models: dict, detectors: Sequence[str], get: Callable[[dict], dic
     return ["Best " + "; best ".join(parts) + ".", ""]
 
 
-def _variants_markdown(models: dict, groups: dict) -> list[str]:
+def _variants_markdown(models: dict, groups: dict = DEFAULT_GROUPS) -> list[str]:
     """The variant sweep: held-out log-likelihood (ID criterion), AUROC per set, near/far means."""
     swept = [m["variants"] for m in models.values() if m.get("variants")]
     if not swept:
