@@ -39,6 +39,31 @@ def _add_bench_common(
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
+def _add_own_data(parser: argparse.ArgumentParser, *, ood: bool) -> None:
+    """``--checkpoint``, ``--id-train`` / ``--id-test`` (and ``--ood``): the benchmark on your own model and sets
+    (:mod:`covguard.bench.own_data`)."""
+    own = parser.add_argument_group("own model and data (instead of the CIFAR-10 checkpoints and sets of --data)")
+    own.add_argument("--checkpoint", action="append", metavar="NAME=PATH",
+                     help="repeatable, replaces --models: NAME a model of covguard.models.MODELS (or with --model-file, a label), "
+                          "PATH its weights (.pt, .pth, .th, .safetensors)")
+    own.add_argument("--model-file", metavar="PATH.py:FACTORY",
+                     help="with --checkpoint: FACTORY(**model args) in PATH.py builds the model (runs PATH.py: use only files you trust)")
+    own.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
+                     help="with --checkpoint: keyword argument of the model constructor or factory, repeatable (e.g. in_channels=3)")
+    own.add_argument("--layers", nargs="+", default=None, help="with --checkpoint: patch-detector layers (default: the model's feature_layers)")
+    own.add_argument("--feature-layer", default=None,
+                     help="with --checkpoint: pooled penultimate layer of mds, rmds, knn, vim, react (default: avgpool; none: those skipped)")
+    own.add_argument("--fc-layer", default=None, help="with --checkpoint: final nn.Linear of vim, react (default: the last nn.Linear)")
+    own.add_argument("--id-train", metavar="PATH", help="folder or tar of <class>/<image> the detectors are fitted on (labels: sorted folder names)")
+    own.add_argument("--id-test", metavar="PATH", help="folder or tar of <class>/<image> (the same class folders): in-distribution test set")
+    if ood:
+        own.add_argument("--ood", action="append", metavar="NAME=PATH",
+                         help="repeatable, with --id-train/--id-test: folder or tar of OOD images at any depth (labels ignored)")
+    own.add_argument("--image-size", type=int, default=None, metavar="S",
+                     help="with --id-train: images resized as OpenOOD does, shorter side to S then center crop (default: 32)")
+    parser.set_defaults(models=None)  # None: not given (--checkpoint refuses --models); the handler fills in CIFAR_MODELS
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="covguard", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
@@ -95,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="also attack at these L-inf budgets in pixel levels /255 (e.g. 1 2 4 8 16)")
     adv.add_argument("--sweep-attacks", nargs="+", choices=("fgsm", "bim", "pgd", "igm"), default=["fgsm", "bim", "pgd"],
                      help="attacks run at every --sweep-eps budget")
+    _add_own_data(adv, ood=False)
     adv.add_argument("--resume", action="store_true",
                      help="keep the checkpoints already in --out/results.json (same settings) and run the others")
     adv.set_defaults(func=commands.bench_adversarial)
@@ -105,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     ood.add_argument("--mixture", action="store_true", help="also score class_mahalanobis_mixture (slower)")
     ood.add_argument("--variants", action="store_true",
                      help="variant sweep: covariance forms, rank, aggregation, class scoring, with the ID-only selection rule")
+    _add_own_data(ood, ood=True)
     ood.set_defaults(func=commands.bench_ood)
     finetune = sub.add_parser(
         "finetune", help="fine-tune a shared CIFAR-10 ResNet on the JPEG training set (crop + flip, SGD, cosine)"

@@ -9,6 +9,10 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from torch import nn
 
 __all__ = [
     "bench_adversarial", "bench_ood", "bench_shortcut", "bench_suite", "bench_throughput", "bench_timing", "demo", "export",
@@ -50,11 +54,52 @@ def _data_root(value: str | None) -> Path:
     return root
 
 
+def _own_sources(args: argparse.Namespace, *, ood: bool) -> tuple[tuple[str, ...], object, object, Path | None]:
+    """(checkpoint names, model source or None, data source or None, data root or None) from the
+    ``--checkpoint`` / ``--id-train`` / ``--id-test`` / ``--ood`` options (:mod:`covguard.bench.own_data`),
+    each inconsistency refused with a message naming the option."""
+    from covguard.bench.common import CIFAR_MODELS
+    from covguard.bench.ood import SYNTHETIC
+    from covguard.bench.own_data import OwnCheckpoints, OwnSets, parse_named_paths
+
+    checkpoints = parse_named_paths(args.checkpoint, "--checkpoint")
+    if checkpoints and args.models:
+        raise ValueError("--checkpoint replaces --models: give one of them")
+    if checkpoints and args.checkpoints != "original":
+        raise ValueError("--checkpoints finetuned picks the CIFAR ResNets' weights; --checkpoint names its own weights")
+    for option, value in (("--model-file", args.model_file), ("--model-arg", args.model_arg), ("--layers", args.layers),
+                          ("--feature-layer", args.feature_layer), ("--fc-layer", args.fc_layer)):
+        if value and not checkpoints:
+            raise ValueError(f"{option} describes the model of --checkpoint NAME=PATH; give --checkpoint with it")
+    ood_sets = parse_named_paths(getattr(args, "ood", None), "--ood")
+    if clash := sorted(set(ood_sets) & set(SYNTHETIC)):
+        raise ValueError(f"--ood: the names {clash} are taken by the noise sets; choose other names")
+    own_data = args.id_train is not None or args.id_test is not None or bool(ood_sets)
+    if own_data:
+        for option, value in (("--id-train", args.id_train), ("--id-test", args.id_test)):
+            if value is None:
+                raise ValueError(f"{option} is required with {'--id-test' if option == '--id-train' else '--id-train'}"
+                                 f"{' and --ood' if ood else ''}: the benchmark runs on your sets or on the default ones")
+        if ood and not ood_sets:
+            raise ValueError("--ood NAME=PATH is required (at least one) with --id-train / --id-test")
+    elif args.image_size is not None:
+        raise ValueError("--image-size resizes the images of --id-train / --id-test: give them with it")
+    size = 32 if args.image_size is None else args.image_size
+    data = OwnSets(Path(args.id_train), Path(args.id_test), ood_sets, size).check() if own_data else None
+    models = None
+    if checkpoints:
+        models = OwnCheckpoints(checkpoints, args.model_file, tuple(args.model_arg), None if args.layers is None else tuple(args.layers),
+                                args.feature_layer, args.fc_layer, size, tuple(args.baselines)).check()
+    root = None if models is not None and data is not None else _data_root(args.data)
+    return tuple(checkpoints) or tuple(args.models or CIFAR_MODELS), models, data, root
+
+
 def bench_adversarial(args: argparse.Namespace) -> int:
     from covguard.bench.adversarial import AdversarialConfig, run_adversarial
 
+    names, models, data, root = _own_sources(args, ood=False)
     config = AdversarialConfig(
-        models=tuple(args.models), attacks=tuple(args.attacks), eps=args.eps / 255, eps_l2=args.eps_l2,
+        models=names, attacks=tuple(args.attacks), eps=args.eps / 255, eps_l2=args.eps_l2,
         steps=args.steps, igm_scales=args.igm_scales, n_images=args.n_images, n_holdout=args.n_holdout,
         max_train=args.max_train, covariance=args.covariance, baselines=tuple(args.baselines), seed=args.seed,
         batch_size=args.batch_size, device=args.device, checkpoints=args.checkpoints, progress=not args.no_progress,
@@ -62,7 +107,7 @@ def bench_adversarial(args: argparse.Namespace) -> int:
         protocol=args.protocol,
     )
     tic = time.perf_counter()
-    run_adversarial(_data_root(args.data), args.out, config, resume=args.resume)
+    run_adversarial(root, args.out, config, resume=args.resume, models=models, data=data)
     print((Path(args.out) / "results.md").read_text())
     print(f"Report written to {args.out} in {time.perf_counter() - tic:.1f} s")
     return 0
@@ -71,14 +116,15 @@ def bench_adversarial(args: argparse.Namespace) -> int:
 def bench_ood(args: argparse.Namespace) -> int:
     from covguard.bench.ood import OODConfig, run_ood
 
+    names, models, data, root = _own_sources(args, ood=True)
     config = OODConfig(
-        models=tuple(args.models), n_holdout=args.n_holdout, max_train=args.max_train, max_eval=args.max_eval,
+        models=names, n_holdout=args.n_holdout, max_train=args.max_train, max_eval=args.max_eval,
         n_noise=args.n_noise, covariance=args.covariance, mixture=args.mixture, variants=args.variants, baselines=tuple(args.baselines), seed=args.seed,
         batch_size=args.batch_size, device=args.device, checkpoints=args.checkpoints, progress=not args.no_progress,
         protocol=args.protocol,
     )
     tic = time.perf_counter()
-    run_ood(_data_root(args.data), args.out, config)
+    run_ood(root, args.out, config, models=models, data=data)
     print((Path(args.out) / "results.md").read_text())
     print(f"Report written to {args.out} in {time.perf_counter() - tic:.1f} s")
     return 0
@@ -259,7 +305,7 @@ def _new_output(value: str, force: bool) -> Path:
     return out
 
 
-def _classifier(args: argparse.Namespace) -> "torch.nn.Module":
+def _classifier(args: argparse.Namespace) -> nn.Module:
     """The model of ``--model`` / ``--model-file`` with ``--weights``, on ``--device``, in eval mode."""
     from covguard.models.user import load_classifier
 

@@ -9,8 +9,8 @@ import torch
 from conftest import make_images
 from fake_root import build_root, train_tiny_net
 
-import covguard.bench.adversarial as adversarial_bench
 import covguard.bench.ood as ood_bench
+import covguard.bench.own_data as own_data
 from covguard.bench.adversarial import AdversarialConfig, run_adversarial
 from covguard.bench.common import CIFAR_LAYERS, VARIANTS
 from covguard.bench.ood import OODConfig, run_ood
@@ -46,7 +46,8 @@ def test_grids_are_openood_sweeps_with_vim_adapted_and_our_variants():
     assert GRIDS["simple_mahalanobis"] == {"variant": tuple(v for v in VARIANTS if v.startswith("simple/")), "layers": layers}
     assert GRIDS["class_mahalanobis"]["variant"] == (
         "class-top1/full/mean", "class-top1/full-oas/mean", "class-top1/diag/mean", "class-top1/lowrank-16/mean",
-        "class-top1/lowrank-64/mean", "class-top1/full/max", "class-mixture/full/mean",
+        "class-top1/lowrank-64/mean", "class-top1/full/max", "class-top1/full/top10", "class-mixture/full/mean",
+        "class-top1/full/mean/relative", "class-top1/full/mean/fusion-max", "class-top1/full/mean/fusion-gaussian",
     )
     assert GRIDS["class_penultimate_original"] == {}
     for grid in GRIDS.values():  # every grid value is a constructor parameter of the method (or ours)
@@ -58,7 +59,7 @@ def test_grid_points_are_the_product_in_order():
     assert len(points) == 8 and points[0] == {"temperature": 1.0, "noise": 0.0014} and points[1]["noise"] == 0.0028
     assert grid_points({}) == [{}] and point_label({}) == "default"
     assert point_label(points[-1]) == "temperature=1000, noise=0.0028"
-    assert len(grid_points(GRIDS["class_mahalanobis"])) == 7 * 5
+    assert len(grid_points(GRIDS["class_mahalanobis"])) == 11 * 5
 
 
 def test_id_val_split_is_disjoint_and_reproducible():
@@ -134,8 +135,7 @@ def fake(tmp_path_factory, one_thread):
         train = load_set("cifar10_train", root, progress=False)
         model = train_tiny_net(train.float(), train.labels)  # 100 % accurate on these class colours
         load = lambda root, name, device="cpu", **kw: copy.deepcopy(model).to(device).eval()  # noqa: E731
-        mp.setattr(ood_bench, "load_cifar_model", load)
-        mp.setattr(adversarial_bench, "load_cifar_model", load)
+        mp.setattr(own_data, "load_cifar_model", load)  # the default model source of both benchmarks
         yield root
 
 
@@ -221,7 +221,7 @@ def test_cli_passes_the_protocol(fake, monkeypatch, tmp_path):
 
     seen = {}
 
-    def fake_run(root, out, config):
+    def fake_run(root, out, config, *, models=None, data=None):
         seen["config"] = config
         (tmp_path / "results.md").write_text("report")
 

@@ -33,7 +33,8 @@ from tqdm.auto import tqdm
 
 from covguard.attacks import ATTACKS, success_mask
 from covguard.bench.adversarial_report import HEADLINE, render_markdown
-from covguard.bench.common import accuracy, baseline_detectors, fit_on_train, load_cifar_model, predict, split_train
+from covguard.bench.common import accuracy, fit_on_train, predict, split_train
+from covguard.bench.own_data import CifarCheckpoints
 from covguard.bench.validation import ValidationSplit, check_protocol, choose_and_score, grid_clones, report_config, validation_split
 from covguard.data.registry import load_set
 from covguard.detectors.multi import score_detectors
@@ -95,20 +96,20 @@ def _craft(attack, x: Tensor, y: Tensor, cfg: AdversarialConfig, desc: str) -> T
     return torch.cat([attack(x[i : i + bs].to(device), y[i : i + bs].to(device)).cpu() for i in starts])
 
 
-def _run_model(name: str, cfg: AdversarialConfig, root: Path, train, test, split: ValidationSplit | None) -> dict:
+def _run_model(name: str, cfg: AdversarialConfig, models, train, test, split: ValidationSplit | None) -> dict:
     """Fit, attack and score one checkpoint; returns its JSON-ready results and raw scores."""
     seconds = {}
     tic = time.perf_counter()
-    model = load_cifar_model(root, name, cfg.device, checkpoints=cfg.checkpoints)
+    model, taps = models.load(name, cfg.device, len(train.classes) or None)
     x_test, y_test = test.float(), test.labels
     test_accuracy = accuracy(model, x_test, y_test)
     logger.info("%s: JPEG test accuracy %.4f", name, test_accuracy)
 
-    clones = grid_clones(baseline_detectors(model, cfg.baselines)) if split is not None else {}
+    clones = grid_clones(taps.baselines_of(model, cfg.baselines)) if split is not None else {}
     detectors, sizes = fit_on_train(
         model, train, baselines=cfg.baselines, covariance=cfg.covariance, n_holdout=cfg.n_holdout,
         max_train=cfg.max_train, seed=cfg.seed, batch_size=cfg.batch_size, keep_moments=split is not None,
-        also_fit=list(clones.values()), progress=cfg.progress,
+        also_fit=list(clones.values()), progress=cfg.progress, taps=taps,
     )
     seconds["fit"] = time.perf_counter() - tic
 
@@ -210,14 +211,16 @@ def _sweep(name: str, model: nn.Module, scorers: dict[str, Callable], clean: dic
 
 
 def run_adversarial(
-    root: str | Path, out: str | Path, config: AdversarialConfig = AdversarialConfig(), *, resume: bool = False
+    root: str | Path | None, out: str | Path, config: AdversarialConfig = AdversarialConfig(), *, resume: bool = False,
+    models=None, data=None,
 ) -> dict:
     """Run the benchmark on every configured checkpoint and write the report folder.
 
     Parameters
     ----------
-    root : str or Path
-        Data root holding ``cifar10-jpeg/{train,test}.tar`` and ``models/resnet*.th``.
+    root : str or Path, optional
+        Data root holding ``cifar10-jpeg/{train,test}.tar`` and ``models/resnet*.th``; not read when
+        ``models`` and ``data`` are both given.
     out : str or Path
         Report folder: ``results.json``, ``results.md``, ``roc_<attack>.png``,
         ``hist_<attack>.png``.
@@ -225,13 +228,19 @@ def run_adversarial(
     resume : bool
         Keep the checkpoints already in ``out/results.json`` (written with the same settings,
         apart from models, device, batch size and progress) and run only the missing ones.
+    models : model source, optional
+        ``load(name, device, n_classes) -> (model, taps)`` for the names of ``config.models``
+        (:class:`~covguard.bench.own_data.OwnCheckpoints`); default: the CIFAR ResNets of ``root``.
+    data : OwnSets, optional
+        Own ID training and test sets (:mod:`covguard.bench.own_data`; fixed protocol only); default:
+        CIFAR-10 of ``root``.
 
     Returns
     -------
     dict
         What ``results.json`` holds.
     """
-    root, out = Path(root), Path(out)
+    out = Path(out)
     if not 0 < config.eps:
         raise ValueError(f"eps must be > 0; got {config.eps}")
     if any(not 0 < e for e in config.sweep_eps):
@@ -240,21 +249,29 @@ def run_adversarial(
         raise ValueError(f"sweep_attacks must be L-inf attacks (fgsm, bim, pgd, igm); got {sorted(unknown)}")
     if not config.attacks:
         raise ValueError("attacks must name at least one attack")
+    if data is not None and config.protocol != "fixed":
+        raise ValueError("--protocol validation holds out Tiny ImageNet classes as OOD-val: it runs on the default sets only, "
+                         "not with --id-train / --id-test")
+    models = models or CifarCheckpoints(Path(root), config.checkpoints)
     out.mkdir(parents=True, exist_ok=True)
-    train = load_set("cifar10_train", root, progress=config.progress)
-    test = load_set("cifar10_test", root, progress=config.progress)
+    if data is None:
+        train, test = load_set("cifar10_train", root, progress=config.progress), load_set("cifar10_test", root, progress=config.progress)
+    else:
+        train = data.train(config.progress)
+        test = data.test(train.classes, config.progress)
     split = None
     if "validation" in check_protocol(config.protocol):
         tin = load_set("tin", root, progress=config.progress)
         split = validation_split(test, tin, n_id_val=config.n_id_val, n_ood_val_classes=config.n_ood_val_classes, seed=config.seed)
-    results: dict = {"config": report_config(config), **({"validation_split": split.describe()} if split else {}), "models": {}}
+    results: dict = {"config": report_config(config), **({"validation_split": split.describe()} if split else {}),
+                     **(data.describe() if data is not None else {}), **models.describe(), "models": {}}
     if resume:
         results["models"] = _resumable_models(out / "results.json", config)
     for name in config.models:
         if name in results["models"]:
             logger.info("%s: kept from %s (resume)", name, out / "results.json")
             continue
-        run = _run_model(name, config, root, train, test, split)
+        run = _run_model(name, config, models, train, test, split)
         results["models"][name] = run["result"]
         if name == config.models[0]:
             _plots(run["raw"], out, name)

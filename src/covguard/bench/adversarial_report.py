@@ -40,10 +40,12 @@ def render_markdown(results: dict) -> str:
              *cfg["baselines"]]
     found = list(next(iter(main(first).values())))
     detectors = [d for d in order if d in found] + sorted(set(found) - set(order))
+    own = results.get("own_sets")
     lines = [
-        "# Adversarial detection on CIFAR-10 (JPEG copy)",
+        "# Adversarial detection on CIFAR-10 (JPEG copy)" if own is None else
+        f"# Adversarial detection on own data: {own['id_test']} (fitted on {own['id_train']}), images resized to {own['image_size']}",
         "",
-        f"Checkpoints: {', '.join(models)} ({weights_description(cfg)}); L-inf eps = {cfg['eps'] * 255:.0f}/255, L2 eps = {cfg['eps_l2']}; "
+        f"Checkpoints: {', '.join(models)} ({results.get('weights') or weights_description(cfg)}); L-inf eps = {cfg['eps'] * 255:.0f}/255, L2 eps = {cfg['eps_l2']}; "
         f"{cfg['n_images']} test images drawn (seed {cfg['seed']}), the correctly classified ones attacked. "
         "Values are mean ± std over checkpoints, in %.",
         "",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from pathlib import Path
 
@@ -28,6 +29,8 @@ __all__ = [
     "OWN_FIT_VARIANTS",
     "VARIANTS",
     "accuracy",
+    "CIFAR_TAPS",
+    "Taps",
     "add_mixture",
     "baseline_detectors",
     "checkpoint_path",
@@ -50,6 +53,38 @@ CHECKPOINT_KINDS = ("original", "finetuned")
 CHECKPOINT_DIR = Path(__file__).resolve().parents[3] / "checkpoints"
 #: The four stages tapped on the CIFAR ResNets; ``avgpool`` is the pooled penultimate feature.
 CIFAR_LAYERS = ("layer1", "layer2", "layer3", "avgpool")
+#: Baselines that read the pooled penultimate features (``feature_layer``), and those that also need
+#: the final linear layer (``fc_layer``).
+PENULTIMATE_BASELINES = ("mds", "rmds", "knn", "vim", "react")
+FC_BASELINES = ("vim", "react")
+
+
+@dataclass(frozen=True)
+class Taps:
+    """Where a benchmark taps a classifier: patch-detector layers and the baselines' layers."""
+
+    layers: tuple[str, ...] = CIFAR_LAYERS  # modules scored by the patch detectors
+    kernel_size: Mapping[str, int] = field(default_factory=dict)  # layer -> patch side; default 1 for feature_layer, else 3
+    feature_layer: str | None = "avgpool"  # pooled penultimate features (N, C, 1, 1); None: no such layer
+    fc_layer: str | None = "linear"  # the final nn.Linear; None: no such layer
+
+    def kernels(self) -> dict[str, int]:
+        """Patch side per layer."""
+        return {layer: self.kernel_size.get(layer, 1 if layer == self.feature_layer else 3) for layer in self.layers}
+
+    def usable(self, baselines: Sequence[str]) -> tuple[str, ...]:
+        """The baselines these taps can wire (those needing a missing layer left out)."""
+        return tuple(b for b in baselines if not (b in PENULTIMATE_BASELINES and self.feature_layer is None)
+                     and not (b in FC_BASELINES and self.fc_layer is None))
+
+    def baselines_of(self, model: nn.Module, names: Sequence[str]) -> dict[str, Detector]:
+        """:func:`baseline_detectors` of the usable ``names``, wired to these layers."""
+        return baseline_detectors(model, self.usable(names), fc_layer=self.fc_layer or "linear",
+                                  feature_layer=self.feature_layer or "avgpool")
+
+
+#: The CIFAR ResNets' taps (the default of every benchmark).
+CIFAR_TAPS = Taps()
 #: Covariance forms of the variant sweep: name -> changes passed to ``refit``.
 FORMS = {
     "full": {},
@@ -142,9 +177,11 @@ def accuracy(model: nn.Module, x: Tensor, y: Tensor, *, batch_size: int = 512) -
 
 
 def patch_detectors(
-    model: nn.Module, layers: Sequence[str] = CIFAR_LAYERS, *, covariance: str = "full", keep_moments: bool = False
+    model: nn.Module, layers: Sequence[str] = CIFAR_LAYERS, *, covariance: str = "full", keep_moments: bool = False,
+    kernel_size: Mapping[str, int] | None = None, feature_layer: str | None = "avgpool",
 ) -> dict[str, Detector]:
-    """Our patch detectors on ``layers`` (pooled ``avgpool`` scored with 1x1 patches).
+    """Our patch detectors on ``layers`` (the pooled ``feature_layer`` scored with 1x1 patches, the
+    others with 3x3 unless ``kernel_size`` says otherwise).
 
     ``class_mahalanobis_mixture`` is created after fitting by :func:`add_mixture` (same
     statistics as ``class_mahalanobis_top1``, other scoring), so it is not listed here.
@@ -153,15 +190,15 @@ def patch_detectors(
     correctly classified fit images. ``keep_moments`` lets Simple and Class top-1 derive other
     covariance forms afterwards (:meth:`~covguard.detectors.patch.PatchMahalanobis.refit`).
     """
-    kernel = {layer: 1 if layer == "avgpool" else 3 for layer in layers}
+    kernel = Taps(tuple(layers), kernel_size or {}, feature_layer).kernels()
     common = {"layers": layers, "covariance": covariance, "kernel_size": kernel, "keep_moments": keep_moments}
     dets: dict[str, Detector] = {
         "simple_mahalanobis": SimpleMahalanobis(model, **common),
         "class_mahalanobis_top1": ClassMahalanobis(model, scoring="top1", **common),
     }
-    if "avgpool" in layers:
+    if feature_layer is not None and feature_layer in layers:
         dets["class_penultimate_original"] = ClassMahalanobis(
-            model, layers=["avgpool"], kernel_size=1, class_weights="correct", eps=0.01, scoring="top1"
+            model, layers=[feature_layer], kernel_size=1, class_weights="correct", eps=0.01, scoring="top1"
         )
     return dets
 
@@ -177,14 +214,17 @@ def add_mixture(detectors: dict[str, Detector], holdout: Iterable, *, top_m: int
     detectors["class_mahalanobis_mixture"] = top1.refit(holdout=holdout, scoring="mixture", top_m=top_m, progress=progress)
 
 
-def baseline_detectors(model: nn.Module, names: Sequence[str], *, fc_layer: str = "linear") -> dict[str, Detector]:
-    """The named baselines from ``BASELINES``, wired to the model's final linear layer."""
+def baseline_detectors(
+    model: nn.Module, names: Sequence[str], *, fc_layer: str = "linear", feature_layer: str = "avgpool"
+) -> dict[str, Detector]:
+    """The named baselines from ``BASELINES``, wired to the model's penultimate and final linear layers."""
     unknown = [name for name in names if name not in BASELINES]
     if unknown:
         raise ValueError(f"baselines {unknown} are unknown; choose from {sorted(BASELINES)}")
     out = {}
     for name in names:
-        kwargs = {"fc_layer": fc_layer} if name in ("vim", "react") else {}
+        kwargs = {"feature_layer": feature_layer} if name in PENULTIMATE_BASELINES else {}
+        kwargs.update({"fc_layer": fc_layer} if name in FC_BASELINES else {})
         out[name] = BASELINES[name](model, **kwargs)
     return out
 
@@ -234,6 +274,7 @@ def fit_on_train(
     also_fit: Sequence[Detector] = (),
     derived: Mapping[str, tuple[str, dict]] = MappingProxyType({}),
     progress: bool = True,
+    taps: Taps = CIFAR_TAPS,
 ) -> tuple[dict[str, Detector], dict[str, int]]:
     """Our patch detectors and the baselines, fitted together on the training set.
 
@@ -243,7 +284,8 @@ def fit_on_train(
     data (the grid points of the validation protocol); they are fitted in place, not returned.
     ``derived``: name -> (fitted detector, changes), more detectors derived from fitted ones with
     ``refit`` (another scoring or layer fusion; no pass over the fit data), standardized on the
-    held-out images.
+    held-out images. ``taps``: the layers of the patch detectors and baselines (default: the CIFAR
+    ResNets'); baselines that need a layer ``taps`` lacks are left out (:meth:`Taps.usable`).
 
     Returns
     -------
@@ -254,8 +296,9 @@ def fit_on_train(
     """
     fit_loader, hold_loader = split_train(train, n_holdout=n_holdout, max_train=max_train, seed=seed, batch_size=batch_size)
     detectors = {
-        **patch_detectors(model, CIFAR_LAYERS, covariance=covariance, keep_moments=keep_moments),
-        **baseline_detectors(model, baselines),
+        **patch_detectors(model, taps.layers, covariance=covariance, keep_moments=keep_moments, kernel_size=taps.kernel_size,
+                          feature_layer=taps.feature_layer),
+        **taps.baselines_of(model, baselines),
     }
     fit_detectors([*detectors.values(), *also_fit], fit_loader, holdout=hold_loader, progress=progress)
     if mixture:

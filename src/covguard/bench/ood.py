@@ -33,9 +33,10 @@ import torch
 from torch import Tensor
 
 from covguard.bench.common import (
-    FORMS, OWN_FIT_VARIANTS, VARIANTS, accuracy, baseline_detectors, fit_on_train, format_mean_std, load_cifar_model, mean_std, split_train,
+    FORMS, OWN_FIT_VARIANTS, VARIANTS, accuracy, fit_on_train, format_mean_std, mean_std, split_train,
     weights_description,
 )
+from covguard.bench.own_data import CifarCheckpoints
 from covguard.bench.validation import (
     check_protocol, choose_and_score, grid_clones, protocols_of, report_config, selection_markdown, table_suffix,
     validation_split,
@@ -56,6 +57,8 @@ logger = logging.getLogger(__name__)
 NEAR = ("cifar100", "tin")
 FAR = ("mnist", "mnist_jpeg")
 SYNTHETIC = ("uniform_noise", "gaussian_noise", "blank")
+#: The report's groups of OOD sets on the default data, each with its mean column.
+DEFAULT_GROUPS = {"near": NEAR, "far": FAR}
 #: Detector shown first in tables: fixed before any OOD data was scored.
 HEADLINE = "class_mahalanobis_top1"
 
@@ -115,18 +118,18 @@ def _eval_sets(root: Path, cfg: OODConfig) -> dict:
     return {"id": (test.images[pick], test.labels[pick]), "ood": ood, "split": split}
 
 
-def _run_model(name: str, cfg: OODConfig, root: Path, train, sets: dict) -> dict:
+def _run_model(name: str, cfg: OODConfig, models, train, sets: dict) -> dict:
     seconds = {}
     tic = time.perf_counter()
-    model = load_cifar_model(root, name, cfg.device, checkpoints=cfg.checkpoints)
+    model, taps = models.load(name, cfg.device, len(train.classes) or None)
     x_id, y_id = sets["id"][0].float() / 255, sets["id"][1]
     id_accuracy = accuracy(model, x_id, y_id)
     split, protocols = sets["split"], check_protocol(cfg.protocol)
-    clones = grid_clones(baseline_detectors(model, cfg.baselines)) if split is not None else {}
+    clones = grid_clones(taps.baselines_of(model, cfg.baselines)) if split is not None else {}
     detectors, sizes = fit_on_train(
         model, train, baselines=cfg.baselines, covariance=cfg.covariance, n_holdout=cfg.n_holdout,
         max_train=cfg.max_train, seed=cfg.seed, batch_size=cfg.batch_size, mixture=cfg.mixture,
-        keep_moments=cfg.variants or split is not None, also_fit=list(clones.values()), progress=cfg.progress,
+        keep_moments=cfg.variants or split is not None, also_fit=list(clones.values()), progress=cfg.progress, taps=taps,
     )
     seconds["fit"] = time.perf_counter() - tic
     result, raw = {"id_accuracy": id_accuracy, **sizes}, {}
@@ -207,44 +210,64 @@ def _variant_sweep(detectors: dict, train, sets: dict, x_id: Tensor, id_scores: 
     return out
 
 
-def run_ood(root: str | Path, out: str | Path, config: OODConfig = OODConfig()) -> dict:
+def run_ood(
+    root: str | Path | None, out: str | Path, config: OODConfig = OODConfig(), *, models=None, data=None
+) -> dict:
     """Run the OOD benchmark on every configured checkpoint and write the report folder.
 
     Parameters
     ----------
-    root : str or Path
+    root : str or Path, optional
         Data root with ``cifar10-jpeg/``, ``cifar100-jpeg.tar``, ``tiny-imagenet-200-val.tar``,
-        ``mnist/`` and ``models/``.
+        ``mnist/`` and ``models/``; not read when ``models`` and ``data`` are both given.
     out : str or Path
         Report folder: ``results.json``, ``results.md``, ``roc_<set>.png``, ``hist_<set>.png``.
     config : OODConfig
+        ``config.models`` names the checkpoints ``models`` loads.
+    models : model source, optional
+        ``load(name, device, n_classes) -> (model, taps)``, e.g. :class:`~covguard.bench.own_data.OwnCheckpoints`;
+        default: the CIFAR ResNets of ``root``.
+    data : OwnSets, optional
+        Own ID and OOD sets (:mod:`covguard.bench.own_data`), reported as one ``ood`` group; default:
+        the CIFAR-10 / CIFAR-100 / TIN / MNIST sets of ``root``. Fixed protocol only.
 
     Returns
     -------
     dict
         What ``results.json`` holds.
     """
-    root, out = Path(root), Path(out)
+    out = Path(out)
     protocols = check_protocol(config.protocol)
     if config.variants and "fixed" not in protocols:
         raise ValueError("variants reports the fixed protocol's sweep: use protocol 'fixed' or 'both' with it")
+    if data is not None and protocols != ("fixed",):
+        raise ValueError("--protocol validation holds out Tiny ImageNet classes as OOD-val: it runs on the default sets only, "
+                         "not with --id-train / --ood")
+    models = models or CifarCheckpoints(Path(root), config.checkpoints)
     out.mkdir(parents=True, exist_ok=True)
-    train = load_set("cifar10_train", root, progress=config.progress)
-    sets = _eval_sets(root, config)
+    if data is None:
+        train, sets, id_name = load_set("cifar10_train", root, progress=config.progress), _eval_sets(Path(root), config), "cifar10_test"
+    else:
+        train, id_name = data.train(config.progress), "id_test"
+        sets = data.eval_sets(train.classes, max_eval=config.max_eval, n_noise=config.n_noise, seed=config.seed,
+                              progress=config.progress)
     results = {
         "config": report_config(config),
-        "n_images": {"cifar10_test": len(sets["id"][0]), **{k: len(v) for k, v in sets["ood"].items()}},
+        "n_images": {id_name: len(sets["id"][0]), **{k: len(v) for k, v in sets["ood"].items()}},
         **({"validation_split": sets["split"].describe()} if sets["split"] is not None else {}),
+        **({"groups": data.groups, **data.describe()} if data is not None else {}),
+        **models.describe(),
         "models": {},
     }
+    id_label = "CIFAR-10 test" if data is None else "ID test"
     headline = HEADLINE if "fixed" in protocols else "class_mahalanobis"  # the validation protocol's class method
     for name in config.models:
-        run = _run_model(name, config, root, train, sets)
+        run = _run_model(name, config, models, train, sets)
         results["models"][name] = run["result"]
         if name == config.models[0]:
             for set_name, curves in run["raw"].items():
-                plot_roc(curves, out / f"roc_{set_name}.png", title=f"{name}: CIFAR-10 vs {set_name}")
-                plot_histograms(*curves[headline], out / f"hist_{set_name}.png", label_in="CIFAR-10 test",
+                plot_roc(curves, out / f"roc_{set_name}.png", title=f"{name}: {id_label} vs {set_name}")
+                plot_histograms(*curves[headline], out / f"hist_{set_name}.png", label_in=id_label,
                                 label_out=set_name, title=f"{name} {headline}")
         # Written after every checkpoint, so a long run leaves a usable report at any point.
         write_json(results, out / "results.json")
@@ -265,13 +288,17 @@ def render_markdown(results: dict) -> str:
     models = results["models"]
     first = next(iter(models.values()))
     protocols = protocols_of(results["config"])
+    groups = results.get("groups") or DEFAULT_GROUPS
+    own = results.get("own_sets")
     lines = [
-        "# OOD detection on CIFAR-10 (JPEG copy), OpenOOD v1.5 protocol on the sets available here",
+        "# OOD detection on CIFAR-10 (JPEG copy), OpenOOD v1.5 protocol on the sets available here" if own is None else
+        f"# OOD detection on own data: ID {own['id_test']} (fitted on {own['id_train']}), images resized to {own['image_size']}",
         "",
-        "Near: CIFAR-100, Tiny ImageNet (val). Far: MNIST as is and JPEG-matched. Noise sets and blank frames are "
-        "reported apart and are not in the means. Values: mean ± std over checkpoints, in %. "
+        ("Near: CIFAR-100, Tiny ImageNet (val). Far: MNIST as is and JPEG-matched. " if own is None else
+         f"OOD sets (one group, 'ood'): {', '.join(f'{k} ({v})' for k, v in own['ood'].items())}. ") +
+        "Noise sets and blank frames are reported apart and are not in the means. Values: mean ± std over checkpoints, in %. "
         f"Images per set: {', '.join(f'{k} {v}' for k, v in results['n_images'].items())}. "
-        f"Weights: {weights_description(results['config'])}.",
+        f"Weights: {results.get('weights') or weights_description(results['config'])}.",
         "",
         markdown_table(
             [{"model": k, "ID accuracy": f"{m['id_accuracy'] * 100:.2f}", "fit images": m["n_fit"]} for k, m in models.items()],
@@ -283,8 +310,8 @@ def render_markdown(results: dict) -> str:
         detectors = list(next(iter(first["metrics"].values())))
         detectors = [HEADLINE, *[d for d in detectors if d != HEADLINE]]
         suffix = table_suffix(protocols, "fixed")
-        lines += _metric_tables(models, detectors, lambda m: m["metrics"], suffix)
-        sets = [*NEAR, *FAR, *SYNTHETIC]
+        lines += _metric_tables(models, detectors, lambda m: m["metrics"], suffix, groups)
+        sets = [*_sets(groups), *SYNTHETIC]
         rows = []
         for det, per_layer in first["layer_auroc"][sets[0]].items():
             for layer in per_layer:
@@ -294,18 +321,27 @@ def render_markdown(results: dict) -> str:
                     row[s] = format_mean_std(values) if values else None
                 rows.append(row)
         lines += [f"## Per-layer AUROC of the patch detectors{suffix}", "", markdown_table(rows, ["detector", "layer", *sets]), ""]
-        lines += _best_line(models, detectors, lambda m: m["metrics"])
+        lines += _best_line(models, detectors, lambda m: m["metrics"], groups)
     if "validation" in protocols:
         lines += selection_markdown(results)
         detectors = list(first["validation"]["selection"])
-        lines += _metric_tables(models, detectors, lambda m: m["validation"]["metrics"], table_suffix(protocols, "validation"))
-        lines += _best_line(models, detectors, lambda m: m["validation"]["metrics"])
-    return "\n".join(lines + _variants_markdown(models))
+        lines += _metric_tables(models, detectors, lambda m: m["validation"]["metrics"], table_suffix(protocols, "validation"), groups)
+        lines += _best_line(models, detectors, lambda m: m["validation"]["metrics"], groups)
+    return "\n".join(lines + _variants_markdown(models, groups))
 
 
-def _metric_tables(models: dict, detectors: Sequence[str], get: Callable[[dict], dict], suffix: str) -> list[str]:
-    """AUROC and both FPR@95 tables: per set, near and far means (``get(model result)`` -> metrics)."""
-    sets = [*NEAR, *FAR, *SYNTHETIC]
+def _sets(groups: dict) -> list[str]:
+    return [s for sets in groups.values() for s in sets]
+
+
+def _columns(groups: dict) -> list[str]:
+    """Each group's sets followed by the group's mean: cifar100, tin, near, mnist, mnist_jpeg, far."""
+    return [c for name, sets in groups.items() for c in (*sets, name)]
+
+
+def _metric_tables(models: dict, detectors: Sequence[str], get: Callable[[dict], dict], suffix: str, groups: dict) -> list[str]:
+    """AUROC and both FPR@95 tables: per set, and per group (near, far) means (``get(model result)`` -> metrics)."""
+    sets = [*_sets(groups), *SYNTHETIC]
     lines = []
     for title, key in (
         ("AUROC (higher is better)", "auroc"),
@@ -318,30 +354,28 @@ def _metric_tables(models: dict, detectors: Sequence[str], get: Callable[[dict],
             for s in sets:  # a report written before a synthetic set existed leaves its cell empty
                 values = [get(m)[s][det][key] for m in models.values() if s in get(m)]
                 row[s] = format_mean_std(values) if values else None
-            row["near"] = format_mean_std([_group_mean(get(m), det, NEAR, key) for m in models.values()])
-            row["far"] = format_mean_std([_group_mean(get(m), det, FAR, key) for m in models.values()])
+            for group, members in groups.items():
+                row[group] = format_mean_std([_group_mean(get(m), det, members, key) for m in models.values()])
             rows.append(row)
-        lines += [f"## {title}{suffix}", "", markdown_table(rows, ["method", *NEAR, "near", *FAR, "far", *SYNTHETIC]), ""]
+        lines += [f"## {title}{suffix}", "", markdown_table(rows, ["method", *_columns(groups), *SYNTHETIC]), ""]
     return lines
 
 
-def _best_line(models: dict, detectors: Sequence[str], get: Callable[[dict], dict]) -> list[str]:
-    near = {d: mean_std([_group_mean(get(m), d, NEAR, "auroc") for m in models.values()])[0] for d in detectors}
-    far = {d: mean_std([_group_mean(get(m), d, FAR, "auroc") for m in models.values()])[0] for d in detectors}
-    best_near, best_far = max(near, key=near.get), max(far, key=far.get)
-    return [
-        f"Best near-OOD mean AUROC: {best_near} ({near[best_near] * 100:.1f}); "
-        f"best far-OOD mean AUROC: {best_far} ({far[best_far] * 100:.1f}).",
-        "",
-    ]
+def _best_line(models: dict, detectors: Sequence[str], get: Callable[[dict], dict], groups: dict) -> list[str]:
+    parts = []
+    for group, members in groups.items():
+        mean = {d: mean_std([_group_mean(get(m), d, members, "auroc") for m in models.values()])[0] for d in detectors}
+        best = max(mean, key=mean.get)
+        parts.append(f"{group}-OOD mean AUROC: {best} ({mean[best] * 100:.1f})")
+    return ["Best " + "; best ".join(parts) + ".", ""]
 
 
-def _variants_markdown(models: dict) -> list[str]:
+def _variants_markdown(models: dict, groups: dict = DEFAULT_GROUPS) -> list[str]:
     """The variant sweep: held-out log-likelihood (ID criterion), AUROC per set, near/far means."""
     swept = [m["variants"] for m in models.values() if m.get("variants")]
     if not swept:
         return []
-    sets = [*NEAR, *FAR, *SYNTHETIC]
+    sets = [*_sets(groups), *SYNTHETIC]
     rows = []
     for name in swept[0]:
         per = [v[name] for v in swept]
@@ -355,8 +389,8 @@ def _variants_markdown(models: dict) -> list[str]:
         for s in sets:
             values = [p["auroc"][s] for p in per if s in p["auroc"]]
             row[s] = format_mean_std(values) if values else None
-        row["near"] = format_mean_std([sum(p["auroc"][s] for s in NEAR) / len(NEAR) for p in per])
-        row["far"] = format_mean_std([sum(p["auroc"][s] for s in FAR) / len(FAR) for p in per])
+        for group, members in groups.items():
+            row[group] = format_mean_std([sum(p["auroc"][s] for s in members) / len(members) for p in per])
         rows.append(row)
     return [
         "## Variant sweep (AUROC %, mean ± std over checkpoints)",
@@ -368,6 +402,6 @@ def _variants_markdown(models: dict) -> list[str]:
         "aggregation and top-1 class scoring; 'selected k/n' counts the checkpoints where it was chosen. "
         "The OOD columns are shown for information and choose nothing.",
         "",
-        markdown_table(rows, ["variant", "ID rule", "held-out log-lik / dim", *NEAR, "near", *FAR, "far", *SYNTHETIC]),
+        markdown_table(rows, ["variant", "ID rule", "held-out log-lik / dim", *_columns(groups), *SYNTHETIC]),
         "",
     ]
