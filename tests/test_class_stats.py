@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 import torch
 
-import covguard as cg
 from covguard.class_stats import SharedBasisClassMoments, reduced_quadratic_form
 from covguard.covariance import CovarianceConfig, quadratic_form
 from covguard.stats import Moments
