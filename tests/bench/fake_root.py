@@ -17,13 +17,15 @@ PALETTE = np.array([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200],
                     [145, 30, 180], [70, 240, 240], [240, 50, 230], [210, 245, 60], [128, 128, 128]])
 
 
-def _jpeg(array: np.ndarray) -> bytes:
+def jpeg_bytes(array: np.ndarray, quality: int = 90) -> bytes:
+    """An (H, W, 3) uint8 array encoded as JPEG."""
     buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="JPEG", quality=90)
+    Image.fromarray(array).save(buf, format="JPEG", quality=quality)
     return buf.getvalue()
 
 
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    """Add ``data`` to ``tar`` as the regular file ``name``."""
     info = tarfile.TarInfo(name)
     info.size = len(data)
     tar.addfile(info, io.BytesIO(data))
@@ -47,18 +49,18 @@ def build_root(root):
         with tarfile.open(root / "cifar10-jpeg" / f"{split}.tar", "w") as tar:
             for k, cls in enumerate(CIFAR10_CLASSES):
                 for i, a in enumerate(_colour_images(rng, k, n)):
-                    _add(tar, f"{split}/{cls}/{i:04d}.jpg", _jpeg(a))
+                    add_member(tar, f"{split}/{cls}/{i:04d}.jpg", jpeg_bytes(a))
     with tarfile.open(root / "cifar100-jpeg.tar", "w") as tar:
         for k in range(100):
-            _add(tar, f"cifar100-jpeg/test/c{k:02d}/0000.jpg", _jpeg(_colour_images(rng, k + 3, 1)[0]))
+            add_member(tar, f"cifar100-jpeg/test/c{k:02d}/0000.jpg", jpeg_bytes(_colour_images(rng, k + 3, 1)[0]))
     wnids = [f"n{k:08d}" for k in range(25)]
     with tarfile.open(root / "tiny-imagenet-200-val.tar", "w") as tar:
-        _add(tar, "tiny-imagenet-200/wnids.txt", "\n".join(wnids).encode())
+        add_member(tar, "tiny-imagenet-200/wnids.txt", "\n".join(wnids).encode())
         lines = []
         for i in range(50):
-            _add(tar, f"tiny-imagenet-200/val/images/val_{i}.JPEG", _jpeg(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)))
+            add_member(tar, f"tiny-imagenet-200/val/images/val_{i}.JPEG", jpeg_bytes(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)))
             lines.append(f"val_{i}.JPEG\t{wnids[i % 25]}\t0\t0\t63\t63")
-        _add(tar, "tiny-imagenet-200/val/val_annotations.txt", "\n".join(lines).encode())
+        add_member(tar, "tiny-imagenet-200/val/val_annotations.txt", "\n".join(lines).encode())
     (root / "mnist").mkdir()
     digits = rng.integers(0, 256, (40, 28, 28), dtype=np.uint8)
     (root / "mnist" / "t10k-images-idx3-ubyte.gz").write_bytes(gzip.compress(_idx(digits, 0x08)))

@@ -3,7 +3,6 @@ fused scores against FusedDetector, and the cache: a second run fits nothing and
 numbers, a changed setting recomputes only what depends on it."""
 
 import gzip
-import io
 import json
 import math
 import struct
@@ -12,7 +11,6 @@ import tarfile
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from covguard.bench.suite import run_suite
 from covguard.bench.suite_config import DERIVED, FUSED_MEMBERS, HEADLINE, SHORTCUT, SuiteConfig, fused_detectors
@@ -20,6 +18,7 @@ from covguard.bench.suite_metrics import category_metrics, fuse, summarize, with
 from covguard.bench.suite_report import overall
 from covguard.data.cifar import CIFAR10_CLASSES
 from covguard.models import cifar_resnet
+from fake_root import add_member, jpeg_bytes
 
 pytestmark = pytest.mark.filterwarnings("ignore:classes .* have no fit samples:RuntimeWarning")  # random ResNet: few correct
 
@@ -30,15 +29,7 @@ CIFAR_CATEGORIES = ("cifar100", "tin", "mnist", "mnist_jpeg", "uniform_noise", "
 
 
 def _jpeg(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="JPEG", quality=75)
-    return buf.getvalue()
-
-
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    tar.addfile(info, io.BytesIO(data))
+    return jpeg_bytes(array, quality=75)
 
 
 def _class_image(rng, k: int) -> np.ndarray:
@@ -53,7 +44,7 @@ def _cifar_tar(path, split: str, per_class: int, rng) -> None:
     with tarfile.open(path, "w") as tar:
         for k, cls in enumerate(CIFAR10_CLASSES):
             for i in range(per_class):
-                _add(tar, f"{split}/{cls}/{i:04d}.jpg", _jpeg(_class_image(rng, k)))
+                add_member(tar, f"{split}/{cls}/{i:04d}.jpg", _jpeg(_class_image(rng, k)))
 
 
 def _idx(array: np.ndarray) -> bytes:
@@ -70,14 +61,14 @@ def data_root(tmp_path_factory):
     _cifar_tar(root / "cifar10-jpeg" / "test.tar", "test", 6, rng)
     with tarfile.open(root / "cifar100-jpeg.tar", "w") as tar:  # the loader wants all 100 class folders
         for c in range(100):
-            _add(tar, f"cifar100-jpeg/test/class{c:03d}/0000.jpg", _jpeg(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)))
+            add_member(tar, f"cifar100-jpeg/test/class{c:03d}/0000.jpg", _jpeg(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)))
     with tarfile.open(root / "tiny-imagenet-200-val.tar", "w") as tar:
         lines = []
         for i in range(30):
-            _add(tar, f"tiny-imagenet-200/val/images/val_{i}.JPEG", _jpeg(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)))
+            add_member(tar, f"tiny-imagenet-200/val/images/val_{i}.JPEG", _jpeg(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)))
             lines.append(f"val_{i}.JPEG\tn0{i % 3}\t0\t0\t63\t63")
-        _add(tar, "tiny-imagenet-200/wnids.txt", b"n00\nn01\nn02\n")
-        _add(tar, "tiny-imagenet-200/val/val_annotations.txt", ("\n".join(lines) + "\n").encode())
+        add_member(tar, "tiny-imagenet-200/wnids.txt", b"n00\nn01\nn02\n")
+        add_member(tar, "tiny-imagenet-200/val/val_annotations.txt", ("\n".join(lines) + "\n").encode())
     (root / "mnist").mkdir()
     digits = np.zeros((30, 28, 28), np.uint8)
     digits[:, 8:20, 12:16] = 255
