@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 from collections.abc import Iterator, Sequence
 from types import TracebackType
 
@@ -40,6 +41,9 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
         ``model``, now in eval mode.
     """
     modes = [(module, module.training) for module in model.modules()]  # pre-order: parents first
+    if not any(training for _, training in modes):  # already in eval mode: nothing to switch (the deploy case)
+        yield model
+        return
     model.eval()
     try:
         yield model
@@ -50,9 +54,8 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
 
 def model_device(model: nn.Module) -> torch.device:
     """Device of the model's first parameter or buffer (CPU for a model without either)."""
-    for t in (*model.parameters(), *model.buffers()):
-        return t.device
-    return torch.device("cpu")
+    first = next(itertools.chain(model.parameters(), model.buffers()), None)
+    return torch.device("cpu") if first is None else first.device
 
 
 def check_layers(model: nn.Module, layers: Sequence[str]) -> tuple[str, ...]:
