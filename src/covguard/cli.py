@@ -14,7 +14,8 @@ __all__ = ["main"]
 
 
 def _add_bench_common(
-    parser: argparse.ArgumentParser, out: str, *, models: bool = True, protocol: bool = True, batch_size: int = 256
+    parser: argparse.ArgumentParser, out: str, *, models: bool = True, protocol: bool = True, batch_size: int = 256,
+    lineup: bool = True,
 ) -> None:
     from covguard.bench.common import CHECKPOINT_KINDS, CIFAR_MODELS
     from covguard.bench.validation import PROTOCOLS
@@ -29,8 +30,9 @@ def _add_bench_common(
     if models and protocol:
         parser.add_argument("--protocol", choices=PROTOCOLS, default="fixed",
                             help="hyperparameters fixed in advance, chosen on ID-val vs OOD-val (OpenOOD v1.5), or both reported")
-    parser.add_argument("--baselines", nargs="*", choices=sorted(BASELINES), default=list(BASELINES))
-    parser.add_argument("--covariance", choices=COVARIANCE_FORMS, default="full")
+    if lineup:  # the detectors compared: baselines, and the covariance form of ours
+        parser.add_argument("--baselines", nargs="*", choices=sorted(BASELINES), default=list(BASELINES))
+        parser.add_argument("--covariance", choices=COVARIANCE_FORMS, default="full")
     parser.add_argument("--n-holdout", type=int, default=5000, help="training images held out to standardize layers")
     parser.add_argument("--max-train", type=int, default=None, help="cap on fit images (quick runs)")
     parser.add_argument("--seed", type=int, default=0)
@@ -151,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.set_defaults(func=commands.finetune)
     _add_shortcut(bench.add_parser("shortcut", help="shortcut-shift benchmark: a spurious marker learned, then moved or removed"))
     _add_suite(bench.add_parser("suite", help="one guard per checkpoint on every category: OOD, noise, blank, attacks, shortcut; fused detectors"))
+    _add_frontier(bench.add_parser("frontier", help="quality (validation, near, far, attacks) vs scoring overhead per covariance form; the default"))
     _add_timing(bench.add_parser("timing", help="scoring overhead next to the bare forward, fit throughput, peak fit memory"))
     _add_throughput(bench.add_parser("throughput", help="covguard score end to end (--workers) next to the bare model, images/s and peak RSS"))
     _add_heatmap(sub.add_parser("heatmap", help="overlay per-patch distances of each layer on images (one PNG per image)"))
@@ -217,6 +220,22 @@ def _add_suite(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache-dir", default=None, help="cache of scores and attacks (default: $COVGUARD_CACHE/suite or ~/.cache/covguard/suite)")
     parser.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
     parser.set_defaults(func=commands.bench_suite)
+
+
+def _add_frontier(parser: argparse.ArgumentParser) -> None:
+    from covguard.bench.frontier import FrontierConfig
+
+    d = FrontierConfig()
+    _add_bench_common(parser, "results/frontier", protocol=False, lineup=False)  # every form of ours, no baseline
+    parser.set_defaults(checkpoints=d.checkpoints, models=list(d.models))
+    parser.add_argument("--timing-models", nargs="+", choices=("resnet20", "resnet18_32x32"), default=list(d.timing_models),
+                        help="models timed (resnet20: the fitted checkpoint; resnet18_32x32: random init)")
+    parser.add_argument("--n-images", type=int, default=d.n_images, help="seeded images per test set")
+    parser.add_argument("--fit-positions", type=float, default=d.fit_positions, help="share of patch positions of the subsampled fits")
+    parser.add_argument("--attacks", nargs="+", choices=("fgsm", "bim", "pgd", "igm"), default=list(d.attacks))
+    parser.add_argument("--repeats", type=int, default=d.repeats, help="interleaved timing repeats (medians)")
+    parser.add_argument("--cache-dir", default=None, help="cache of the attacks (default: $COVGUARD_CACHE/suite or ~/.cache/covguard/suite)")
+    parser.set_defaults(func=commands.bench_frontier)
 
 
 def _add_timing(parser: argparse.ArgumentParser) -> None:

@@ -172,6 +172,23 @@ def bench_suite(args: argparse.Namespace) -> int:
     return 0
 
 
+def bench_frontier(args: argparse.Namespace) -> int:
+    """Run ``covguard bench frontier`` (:mod:`covguard.bench.frontier`)."""
+    from covguard.bench.frontier import FrontierConfig, run_frontier
+
+    config = FrontierConfig(
+        models=tuple(args.models), checkpoints=args.checkpoints, timing_models=tuple(args.timing_models), n_images=args.n_images,
+        n_holdout=args.n_holdout, max_train=args.max_train, fit_positions=args.fit_positions, attacks=tuple(args.attacks),
+        repeats=args.repeats, seed=args.seed, batch_size=args.batch_size, device=args.device, cache_dir=args.cache_dir,
+        progress=not args.no_progress,
+    )
+    tic = time.perf_counter()
+    run_frontier(_data_root(args.data), args.out, config)
+    print((Path(args.out) / "results.md").read_text())
+    print(f"Report written to {args.out} in {time.perf_counter() - tic:.1f} s")
+    return 0
+
+
 def bench_timing(args: argparse.Namespace) -> int:
     from covguard.bench.timing import render_markdown, run_timing
 

@@ -50,7 +50,7 @@ from covguard.metrics import evaluate, fpr_at_95tpr_ood_positive
 from covguard.html_report import add_html_report
 from covguard.report import markdown_table, plot_histograms, plot_roc, write_json
 
-__all__ = ["OODConfig", "run_ood", "render_markdown", "NEAR", "FAR", "SYNTHETIC"]
+__all__ = ["OODConfig", "eval_sets", "run_ood", "render_markdown", "NEAR", "FAR", "SYNTHETIC"]
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ class OODConfig:
     n_ood_val_classes: int = 20  # validation: Tiny ImageNet classes held out as OOD-val (seeded)
 
 
-def _eval_sets(root: Path, cfg: OODConfig) -> dict:
+def eval_sets(root: Path, cfg: OODConfig) -> dict:
     """ID test set and OOD sets as uint8 images (N, 3, 32, 32), seeded subsets of ``max_eval`` each,
     and the validation split (None under the fixed protocol alone), removed from the test sets."""
 
@@ -246,7 +246,7 @@ def run_ood(
     models = models or CifarCheckpoints(Path(root), config.checkpoints)
     out.mkdir(parents=True, exist_ok=True)
     if data is None:
-        train, sets, id_name = load_set("cifar10_train", root, progress=config.progress), _eval_sets(Path(root), config), "cifar10_test"
+        train, sets, id_name = load_set("cifar10_train", root, progress=config.progress), eval_sets(Path(root), config), "cifar10_test"
     else:
         train, id_name = data.train(config.progress), "id_test"
         sets = data.eval_sets(train.classes, max_eval=config.max_eval, n_noise=config.n_noise, seed=config.seed,

@@ -248,7 +248,7 @@ class OwnSets:
         return test
 
     def eval_sets(self, classes: tuple[str, ...], *, max_eval: int | None, n_noise: int, seed: int, progress: bool) -> dict:
-        """As :func:`covguard.bench.ood._eval_sets`: seeded subsets of ``max_eval``, the OOD sets, then the noise sets."""
+        """As :func:`covguard.bench.ood.eval_sets`: seeded subsets of ``max_eval``, the OOD sets, then the noise sets."""
         def pick(n: int) -> torch.Tensor:
             order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
             return order if max_eval is None else order[:max_eval]

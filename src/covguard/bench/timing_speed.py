@@ -36,9 +36,11 @@ __all__ = [
     "ScoringTiming",
     "detector_specs",
     "device_name",
+    "interleaved",
     "make_model",
     "time_fit",
     "time_scoring",
+    "timer",
 ]
 
 logger = logging.getLogger(__name__)
@@ -131,7 +133,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _timer(fn: Callable[[], object], device: torch.device, number: int) -> Callable[[], float]:
+def timer(fn: Callable[[], object], device: torch.device, number: int) -> Callable[[], float]:
     """A function returning the wall time of ``number`` calls of ``fn``, per call."""
 
     def run() -> float:
@@ -149,7 +151,7 @@ def _median(values: Sequence[float]) -> float:
     return float(torch.tensor(values, dtype=torch.float64).median())
 
 
-def _interleaved(
+def interleaved(
     candidates: dict[str, Callable[[], float]], forward: Callable[[], float], repeats: int, warmup: int
 ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     """Per repeat, time the forward pass right before each candidate, alternating the order.
@@ -230,12 +232,12 @@ def time_scoring(
         for batch_size in batch_sizes:
             x = _images(batch_size, seed=4, device=device, channels_last=channels_last)
             number = max(1, min(8, 64 // batch_size))  # calls per measurement for tiny batches
-            forward = _timer(lambda: model(x), device, number)
-            candidates = {"detector": _timer(lambda d=det: d.score(x), device, number)}
+            forward = timer(lambda: model(x), device, number)
+            candidates = {"detector": timer(lambda d=det: d.score(x), device, number)}
             if time_naive:
-                candidates["naive"] = _timer(lambda r=naive: r.score(x), device, number)
+                candidates["naive"] = timer(lambda r=naive: r.score(x), device, number)
             with torch.no_grad():
-                times, paired = _interleaved(candidates, forward, repeats, warmup=1 if batch_size >= 64 else 3)
+                times, paired = interleaved(candidates, forward, repeats, warmup=1 if batch_size >= 64 else 3)
             ratio = {name: [t / f for t, f in zip(times[name], paired[name])] for name in times}
             overhead = _median(ratio["detector"]) - 1
             naive_overhead = _median(ratio["naive"]) - 1 if time_naive else None
@@ -268,10 +270,15 @@ def time_scoring(
 
 
 def time_fit(
-    model_name: str, model: nn.Module, batch_size: int, batches: tuple[int, int], repeats: int, device: torch.device, channels_last: bool
+    model_name: str, model: nn.Module, batch_size: int, batches: tuple[int, int], repeats: int, device: torch.device, channels_last: bool,
+    builders: dict[str, Callable[[], PatchMahalanobis]] | None = None,
 ) -> list[FitTiming]:
-    """Streaming-fit time per image: slope of ``fit`` time between two loader sizes, vs forward."""
-    layers = MODEL_LAYERS[model_name]
+    """Streaming-fit time per image: slope of ``fit`` time between two loader sizes, vs forward.
+
+    ``builders``: detector name -> a function returning an unfitted detector of ``model``
+    (default: Simple and Class with diagonal forms on :data:`MODEL_LAYERS`).
+    """
+    layers = MODEL_LAYERS.get(model_name, ())
     small, large = batches
     loader = _loader(large, batch_size, seed=5, device=device, channels_last=channels_last)
     holdout = [_images(2, seed=6, device=device, channels_last=channels_last)]
@@ -286,12 +293,13 @@ def time_fit(
         _sync(device)
         return time.perf_counter() - tic
 
-    for name, build in (
-        ("simple", lambda: SimpleMahalanobis(model, layers=layers, covariance="diag")),
-        ("class", lambda: ClassMahalanobis(model, layers=layers, covariance="diag")),
-    ):
-        fit_small = _timer(lambda: build().fit(loader[:small], holdout=holdout, progress=False), device, 1)
-        fit_large = _timer(lambda: build().fit(loader, holdout=holdout, progress=False), device, 1)
+    builders = builders or {
+        "simple": lambda: SimpleMahalanobis(model, layers=layers, covariance="diag"),
+        "class": lambda: ClassMahalanobis(model, layers=layers, covariance="diag"),
+    }
+    for name, build in builders.items():
+        fit_small = timer(lambda: build().fit(loader[:small], holdout=holdout, progress=False), device, 1)
+        fit_large = timer(lambda: build().fit(loader, holdout=holdout, progress=False), device, 1)
         fwd, fit = [], []
         fit_small()  # warm-up
         for _ in range(repeats):
@@ -307,6 +315,6 @@ def time_fit(
 def device_name(device: torch.device) -> str:
     """``cuda (<name>)`` or ``cpu (<processor>, <n> threads)``."""
     if device.type == "cuda":
-        return f"cuda ({torch.cuda.getdevice_name(device)})"
+        return f"cuda ({torch.cuda.get_device_name(device)})"
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
