@@ -120,19 +120,26 @@ def encode(detector: Detector) -> Encoded:
     return Encoded(name, params, tensors, channels, sha)
 
 
-#: Patch options added after format 2: written only when they differ from their defaults, so a
-#: default detector's file is the bytes format 2 wrote (and older readers still read it).
-_LATER_OPTIONS = ("top_fraction", "normalize", "fusion", "relative", "fit_positions", "random_state")
+#: Patch options added after format 2, with the value a file that omits one means: written only
+#: when they differ from it, so a detector at these values writes the bytes format 2 wrote (and
+#: older readers still read it). Fixed for good: a later change of a constructor default does not
+#: change what an existing file means.
+_LATER_OPTIONS = {"top_fraction": 0.1, "normalize": "none", "fusion": "sum", "relative": False, "fit_positions": 1.0, "random_state": 0}
 
 
 def patch_params(detector: PatchMahalanobis) -> dict[str, Any]:
     """The hyperparameters a file records: the constructor's, less ``keep_moments`` (moments are
-    not saved) and the later options at their defaults."""
-    defaults = inspect.signature(type(detector).__init__).parameters
+    not saved) and the later options at the values an omitted one means."""
     return {
         key: value for key, value in detector.get_params().items()
-        if key != "keep_moments" and not (key in _LATER_OPTIONS and value == defaults[key].default)
+        if key != "keep_moments" and not (key in _LATER_OPTIONS and value == _LATER_OPTIONS[key])
     }
+
+
+def _with_later_options(cls: type, params: dict[str, Any]) -> dict[str, Any]:
+    """``params`` of a patch-detector file with the later options it omits at their file values."""
+    accepted = inspect.signature(cls.__init__).parameters
+    return {**{key: value for key, value in _LATER_OPTIONS.items() if key in accepted}, **params}
 
 
 # ---- schema (no model) ---------------------------------------------------------------------------
@@ -356,7 +363,7 @@ def build(
             raise ValueError(f"members that FusedDetector refuses: {err}") from err
         return fused.set_calibration({m: tensors[f"calibration/{m}"] for m in members}, input_shape=input_shape)
     try:
-        detector = cls(model, **params)
+        detector = cls(model, **(_with_later_options(cls, params) if issubclass(cls, PatchMahalanobis) else params))
         rebuilt = patch_params(detector) if isinstance(detector, PatchMahalanobis) else detector.get_params()
     except (TypeError, ValueError) as err:
         raise ValueError(f"hyperparameters that {cls.__name__} refuses: {err}") from err
