@@ -15,12 +15,31 @@ from types import TracebackType
 import torch
 from torch import Tensor, nn
 
-__all__ = ["FeatureTap", "check_layers", "eval_mode", "model_device", "model_dtype", "parameter_sha256"]
+__all__ = ["FeatureTap", "check_layers", "eval_mode", "model_device", "model_dtype", "parameter_sha256", "resolve_layers"]
 
 
 def model_dtype(model: nn.Module) -> torch.dtype:
     """Dtype of the model's first floating-point parameter (float32 for a model without one)."""
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
+def _any_training(model: nn.Module) -> bool:
+    """Whether ``model`` or any of its submodules is in training mode.
+
+    One walk of the module tree over ``_modules`` (each module once, as ``modules()`` visits
+    them), stopping at the first module in training mode: a fifth of the cost of
+    ``model.modules()``, which scoring pays on every call.
+    """
+    stack, seen = [model], {model}
+    while stack:
+        module = stack.pop()
+        if module.training:
+            return True
+        for child in module._modules.values():
+            if child is not None and child not in seen:
+                seen.add(child)
+                stack.append(child)
+    return False
 
 
 @contextlib.contextmanager
@@ -40,10 +59,10 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     nn.Module
         ``model``, now in eval mode.
     """
-    modes = [(module, module.training) for module in model.modules()]  # pre-order: parents first
-    if not any(training for _, training in modes):  # already in eval mode: nothing to switch (the deploy case)
+    if not _any_training(model):  # already in eval mode: nothing to switch (the deploy case)
         yield model
         return
+    modes = [(module, module.training) for module in model.modules()]  # pre-order: parents first
     model.eval()
     try:
         yield model
@@ -83,6 +102,34 @@ def check_layers(model: nn.Module, layers: Sequence[str]) -> tuple[str, ...]:
     return layers
 
 
+def resolve_layers(model: nn.Module, layers: Sequence[str]) -> dict[str, nn.Module]:
+    """The modules named by ``layers``, validated as :func:`check_layers` validates them.
+
+    Each name is looked up as a path of attributes (``model.get_submodule``), without the walk
+    of ``model.named_modules()`` that :func:`check_layers` makes (and that scoring a small batch
+    would pay on every call); that walk runs only to name what is wrong.
+
+    Returns
+    -------
+    dict of str to nn.Module
+        In the order of ``layers``.
+
+    Raises
+    ------
+    ValueError
+        As :func:`check_layers`.
+    """
+    names = None if isinstance(layers, str) else tuple(layers)
+    if names is not None and all(isinstance(name, str) and name for name in names) and len(set(names)) == len(names):
+        try:
+            return {name: model.get_submodule(name) for name in names}
+        except AttributeError:
+            pass
+    names = check_layers(model, layers)
+    modules = dict(model.named_modules())
+    return {name: modules[name] for name in names}
+
+
 def parameter_sha256(model: nn.Module) -> str:
     """SHA-256 (hex) of the model's state dict: every tensor's key, dtype, shape and bytes, in key order.
 
@@ -105,7 +152,8 @@ class FeatureTap:
     model : nn.Module
         Classifier returning logits (N, K).
     layers : sequence of str
-        Module names (as in ``model.named_modules()``) whose outputs to capture.
+        Module names (as in ``model.named_modules()``) whose outputs to capture; the modules
+        they name when the tap is created (:func:`resolve_layers`) are hooked.
 
     Examples
     --------
@@ -118,7 +166,8 @@ class FeatureTap:
 
     def __init__(self, model: nn.Module, layers: Sequence[str]) -> None:
         self.model = model
-        self.layers = check_layers(model, layers)
+        self._taps = resolve_layers(model, layers)
+        self.layers = tuple(self._taps)
         self._outputs: dict[str, Tensor] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
@@ -131,8 +180,7 @@ class FeatureTap:
         return hook
 
     def __enter__(self) -> FeatureTap:
-        modules = dict(self.model.named_modules())
-        self._handles = [modules[name].register_forward_hook(self._hook(name)) for name in self.layers]
+        self._handles = [module.register_forward_hook(self._hook(name)) for name, module in self._taps.items()]
         return self
 
     def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: TracebackType | None) -> None:
