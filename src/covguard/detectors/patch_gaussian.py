@@ -156,13 +156,27 @@ class PatchGaussian:
             out = out - patch_mahalanobis_sq(f, background, **geometry)[:, 0]  # (N, H', W')
         return out
 
+    def raw_map(self, f: Tensor, weights: Tensor | None) -> Tensor:
+        """Squared distance of every patch (less the background's), unchecked: the map of
+        :meth:`distance_map` before its non-finite values are inspected.
+
+        Parameters
+        ----------
+        f : Tensor of shape (N, C, H, W)
+        weights : Tensor of shape (N, K), optional
+            Weight of each group in each image's distance (None: the one group).
+
+        Returns
+        -------
+        Tensor of shape (N, H', W')
+            In the features' dtype, or float64 where the form needs it.
+        """
+        self.check_map(f)
+        return self._map(self._prepare(f), self._forms_for(f.dtype, f.device), weights)
+
     def distance_map(self, f: Tensor, weights: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """Squared distance of every patch (less the background's, for relative distances) and
-        which images have finite activations.
-
-        Every activation lies in some patch and reaches its distance with a nonzero weight, so a
-        non-finite activation always gives a non-finite distance: the (C times larger) feature
-        map is inspected only for images whose distances are not all finite.
+        which images have finite activations: :meth:`check_finite` of :meth:`raw_map`.
 
         Parameters
         ----------
@@ -179,9 +193,29 @@ class PatchGaussian:
         finite : BoolTensor of shape (N,) or None
             Images whose activations are finite; None when every distance is finite.
         """
-        self.check_map(f)
-        x = self._prepare(f)
-        m = self._map(x, self._forms_for(f.dtype, f.device), weights)  # (N, H', W')
+        return self.check_finite(f, weights, self.raw_map(f, weights))
+
+    def check_finite(self, f: Tensor, weights: Tensor | None, m: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The map ``m = raw_map(f, weights)`` with its overflows recomputed in float64, and
+        which images have finite activations (as :meth:`distance_map` returns them).
+
+        Every activation lies in some patch and reaches its distance with a nonzero weight, so a
+        non-finite activation always gives a non-finite distance: the (C times larger) feature
+        map is inspected only for images whose distances are not all finite. Those whose
+        activations are finite overflowed: they are recomputed in float64.
+
+        Parameters
+        ----------
+        f : Tensor of shape (N, C, H, W)
+        weights : Tensor of shape (N, K), optional
+        m : Tensor of shape (N, H', W')
+
+        Returns
+        -------
+        map : Tensor of shape (N, H', W')
+        finite : BoolTensor of shape (N,) or None
+            None when every distance is finite.
+        """
         bad = ~torch.isfinite(m).flatten(1).all(1)  # (N,)
         if not bool(bad.any()):
             return m, None
@@ -191,7 +225,7 @@ class PatchGaussian:
             bg = self.background_
             forms64 = (self.form_.to(torch.float64, f.device), None if bg is None else bg.to(torch.float64, f.device))
             w64 = None if weights is None else weights[redo]
-            m = m.double().index_copy(0, redo, self._map(x[redo], forms64, w64))
+            m = m.double().index_copy(0, redo, self._map(self._prepare(f[redo]), forms64, w64))
         return m, ok
 
 
