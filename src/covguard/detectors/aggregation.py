@@ -17,6 +17,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
+from covguard.detectors.class_weights import GroupRows
 from covguard.detectors.patch_gaussian import PatchGaussian, saturate
 
 __all__ = ["AGGREGATES", "aggregate_layers", "aggregate_map", "check_top_fraction", "top_count"]
@@ -59,7 +60,7 @@ def aggregate_map(m: Tensor, aggregate: str, top_fraction: float) -> Tensor:
 
 
 def aggregate_layers(
-    gaussians: Mapping[str, PatchGaussian], feats: Mapping[str, Tensor], weights: Tensor | None, aggregate: str, top_fraction: float
+    gaussians: Mapping[str, PatchGaussian], feats: Mapping[str, Tensor], groups: GroupRows | None, aggregate: str, top_fraction: float
 ) -> tuple[Tensor, bool]:
     """Aggregated score of each layer, and whether every score is finite.
 
@@ -74,7 +75,7 @@ def aggregate_layers(
     gaussians : mapping of layer to PatchGaussian
         The fitted layers, in the order of the score columns.
     feats : mapping of layer to Tensor of shape (N, C, H, W)
-    weights : Tensor of shape (N, K), optional
+    groups : GroupRows, optional
         Weight of each group in each image's distance (None: the one group).
     aggregate : {"mean", "max", "topq"}
     top_fraction : float
@@ -87,7 +88,7 @@ def aggregate_layers(
     finite : bool
         Whether every score is finite.
     """
-    maps = {layer: g.raw_map(feats[layer], weights) for layer, g in gaussians.items()}  # {layer: (N, H', W')}
+    maps = {layer: g.raw_map(feats[layer], groups) for layer, g in gaussians.items()}  # {layer: (N, H', W')}
     scores = torch.stack([aggregate_map(m, aggregate, top_fraction) for m in maps.values()], dim=1)  # (N, L)
     probe = scores
     if aggregate != "mean":
@@ -96,7 +97,7 @@ def aggregate_layers(
         return scores, True
     cols = []
     for layer, m in maps.items():
-        m, ok = gaussians[layer].check_finite(feats[layer], weights, m)
+        m, ok = gaussians[layer].check_finite(feats[layer], groups, m)
         s = aggregate_map(m, aggregate, top_fraction)  # (N,) float64
         cols.append(s if ok is None else saturate(s, ok, torch.float64).masked_fill(~ok, float("inf")))
     return torch.stack(cols, dim=1), False

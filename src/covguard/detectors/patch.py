@@ -353,15 +353,14 @@ class PatchMahalanobis(PatchState, Detector):
     def distance_maps_features(self, logits: Tensor, feats: dict[str, Tensor]) -> dict[str, Tensor]:
         """Squared distance of every patch, {layer: (N, H', W')} in the features' dtype (saturated)."""
         check_is_fitted(self)
-        weights = self.weighting.at_score(logits)  # (N, K) or None
-        return {layer: saturate(*g.distance_map(feats[layer], weights), feats[layer].dtype) for layer, g in self.gaussians.items()}
+        groups = self.weighting.score_groups(logits)
+        return {layer: saturate(*g.distance_map(feats[layer], groups), feats[layer].dtype) for layer, g in self.gaussians.items()}
 
     def _layer_scores(self, logits: Tensor, feats: dict[str, Tensor]) -> tuple[Tensor, bool]:
         """:meth:`layer_scores_features` and whether every score is finite (one host sync)."""
         if len(self.forms_) != len(self.layers):
             check_is_fitted(self)
-        weights = self.weighting.at_score(logits)  # (N, K) or None
-        return aggregate_layers(self.gaussians, feats, weights, self.aggregate, self.top_fraction)
+        return aggregate_layers(self.gaussians, feats, self.weighting.score_groups(logits), self.aggregate, self.top_fraction)
 
     def layer_scores_features(self, logits: Tensor, feats: dict[str, Tensor]) -> Tensor:
         """Aggregated score of each layer, (N, L) float64; +inf where activations are not finite.
