@@ -240,11 +240,11 @@ def _build_kernels(form: QuadraticForm, kernel_size: int) -> PatchKernels:
     if form.diag is not None:
         diag = form.diag.double()  # (K, D)
         const = (diag * mean * mean).sum(-1).to(dtype)  # (K,)
-        linear = (-2 * diag * mean).reshape(K, C, kk).transpose(1, 2).reshape(K * kk, C, 1, 1).to(dtype)  # (K k^2, C, 1, 1)
+        linear = (-2 * diag * mean).reshape(K, C, kk).transpose(1, 2).reshape(K * kk, C, 1, 1).to(dtype).contiguous()  # (K k^2, C, 1, 1)
         if bool((diag == diag[:, :1]).all()):
-            box = diag[:, :1].expand(K, kk).reshape(1, K * kk, 1, 1).to(dtype)
+            box = diag[:, :1].expand(K, kk).reshape(1, K * kk, 1, 1).to(dtype).contiguous()
         else:
-            square = diag.reshape(K, C, kk).transpose(1, 2).reshape(K * kk, C, 1, 1).to(dtype)
+            square = diag.reshape(K, C, kk).transpose(1, 2).reshape(K * kk, C, 1, 1).to(dtype).contiguous()
         shifts = torch.eye(kk, dtype=dtype, device=device).reshape(1, kk, kernel_size, kernel_size).repeat(K, 1, 1, 1)  # (K, k^2, k, k)
     return PatchKernels(kernel_size, C, shift, tuple(convs), linear, box, square, shifts, const)
 

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import torch
@@ -65,10 +66,11 @@ def aggregate_layers(
     """Aggregated score of each layer, and whether every score is finite.
 
     The maps (:meth:`PatchGaussian.raw_map`) are checked with one host sync for all layers: a
-    map holding NaN or inf has a non-finite mean (``"mean"``) or sum (``"max"`` and
-    ``"topq"``, which may pass over a -inf). Only when that check fails is each map inspected
-    (:meth:`PatchGaussian.check_finite`): overflows are recomputed in float64 and the scores of
-    images with non-finite activations are +inf.
+    map holding NaN or inf makes the sum of all scores non-finite (``"mean"``), or the sum of
+    the scores and of the maps (``"max"`` and ``"topq"``, which may pass over a -inf). Only
+    when that sum is not finite is each map inspected (:meth:`PatchGaussian.check_finite`):
+    overflows are recomputed in float64 and the scores of images with non-finite activations
+    are +inf.
 
     Parameters
     ----------
@@ -89,11 +91,15 @@ def aggregate_layers(
         Whether every score is finite.
     """
     maps = {layer: g.raw_map(feats[layer], groups) for layer, g in gaussians.items()}  # {layer: (N, H', W')}
-    scores = torch.stack([aggregate_map(m, aggregate, top_fraction) for m in maps.values()], dim=1)  # (N, L)
-    probe = scores
+    if aggregate == "mean":  # the sums of aggregate_map's means, divided at once
+        sums = torch.stack([m.flatten(1).sum(1, dtype=torch.float64) for m in maps.values()], dim=1)  # (N, L)
+        scores = sums / sums.new_tensor([m[0].numel() for m in maps.values()])  # (N, L)
+    else:
+        scores = torch.stack([aggregate_map(m, aggregate, top_fraction) for m in maps.values()], dim=1)  # (N, L)
+    probe = scores.sum()  # () float64, non-finite with any score (or where finite scores overflow it)
     if aggregate != "mean":
-        probe = torch.cat([scores.flatten(), torch.stack([m.sum(dtype=torch.float64) for m in maps.values()])])
-    if bool(torch.isfinite(probe).all()):
+        probe = torch.stack([probe, *(m.sum(dtype=torch.float64) for m in maps.values())]).sum()
+    if math.isfinite(probe.item()):
         return scores, True
     cols = []
     for layer, m in maps.items():
