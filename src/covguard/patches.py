@@ -112,9 +112,11 @@ class PatchKernels:
     ``sum_segments sign ||z_segment||^2 + sum_a y[k, a, i + a_i, j + a_j] + const_k``
 
     where the per-pixel terms ``y = conv1x1(x, linear) + box * sum_c x_c^2`` (isotropic diagonal)
-    or ``+ conv1x1(x^2, square)`` (general diagonal) carry the diagonal part of the form, one
-    channel per group and kernel offset ``a``, and the sum over offsets is a grouped conv with
-    one-hot kernels (``shifts``). This is cheaper than a ``k x k`` conv with one output channel.
+    or ``+ conv1x1(x^2, square)`` (general diagonal; one ``conv1x1([x, x^2], linear_square)``
+    for small batches) carry the diagonal part of the form, one channel per group and kernel
+    offset ``a``, and the sum over offsets is a grouped conv with one-hot kernels (``shifts``).
+    This is cheaper than a ``k x k`` conv with one output channel. For ``k = 1`` there are no
+    offsets to sum: ``y`` is the distance, with ``const`` as the bias of the linear conv.
 
     Attributes
     ----------
@@ -133,8 +135,11 @@ class PatchKernels:
         Weight of ``sum_c x_c^2`` (isotropic diagonal, e.g. ``lowrank``).
     square : Tensor of shape (K k^2, C, 1, 1) or None
         Weights of ``x_c^2`` (general diagonal, ``diag``).
+    linear_square : Tensor of shape (K k^2, 2 C, 1, 1) or None
+        ``linear`` and ``square`` side by side: the weights of ``[x, x^2]``.
     shifts : Tensor of shape (K, k^2, k, k) or None
-        One-hot kernels summing each group's ``k^2`` channels over the kernel offsets.
+        One-hot kernels summing each group's ``k^2`` channels over the kernel offsets; None
+        for ``k = 1``.
     const : Tensor of shape (K,) or None
         ``sum diag * mean^2`` per group.
     """
@@ -146,6 +151,7 @@ class PatchKernels:
     linear: Tensor | None
     box: Tensor | None
     square: Tensor | None
+    linear_square: Tensor | None
     shifts: Tensor | None
     const: Tensor | None
 
@@ -236,7 +242,7 @@ def _build_kernels(form: QuadraticForm, kernel_size: int) -> PatchKernels:
                 start += len(cols)
             cin = max(p[0] for p in group)
             convs.append(_Conv(cin, kernel(torch.cat(rows), cin), torch.cat(biases).to(dtype), tuple(segments)))
-    linear = box = square = shifts = const = None
+    linear = box = square = linear_square = shifts = const = None
     if form.diag is not None:
         diag = form.diag.double()  # (K, D)
         const = (diag * mean * mean).sum(-1).to(dtype)  # (K,)
@@ -245,8 +251,10 @@ def _build_kernels(form: QuadraticForm, kernel_size: int) -> PatchKernels:
             box = diag[:, :1].expand(K, kk).reshape(1, K * kk, 1, 1).to(dtype).contiguous()
         else:
             square = diag.reshape(K, C, kk).transpose(1, 2).reshape(K * kk, C, 1, 1).to(dtype).contiguous()
-        shifts = torch.eye(kk, dtype=dtype, device=device).reshape(1, kk, kernel_size, kernel_size).repeat(K, 1, 1, 1)  # (K, k^2, k, k)
-    return PatchKernels(kernel_size, C, shift, tuple(convs), linear, box, square, shifts, const)
+            linear_square = torch.cat([linear, square], 1)  # (K k^2, 2C, 1, 1)
+        if kernel_size > 1:
+            shifts = torch.eye(kk, dtype=dtype, device=device).reshape(1, kk, kernel_size, kernel_size).repeat(K, 1, 1, 1)
+    return PatchKernels(kernel_size, C, shift, tuple(convs), linear, box, square, linear_square, shifts, const)
 
 
 def _channels_last(x: Tensor) -> bool:
@@ -302,12 +310,14 @@ def patch_mahalanobis_sq(feats: Tensor, form: QuadraticForm, *, kernel_size: int
     H, W = x.shape[-2:]
     H2, W2 = H - kernel_size + 1, W - kernel_size + 1
     if kernels.linear is not None:
-        y = F.conv2d(x, kernels.linear)  # (N, K k^2, H, W): per-pixel terms of every group and offset
-        if kernels.box is not None:
-            y.addcmul_(_channel_sum_sq(x, keepdim=True), kernels.box)  # box * sum_c x_c^2
+        bias = kernels.const if kernels.shifts is None else None  # k = 1: y is the distance
+        if kernels.box is not None:  # (N, K k^2, H, W): per-pixel terms of every group and offset
+            y = F.conv2d(x, kernels.linear, bias).addcmul_(_channel_sum_sq(x, keepdim=True), kernels.box)
+        elif layout == torch.contiguous_format:
+            y = F.conv2d(torch.cat([x, x * x], 1), kernels.linear_square, bias)
         else:
-            y.add_(F.conv2d(x * x, kernels.square))
-        out = F.conv2d(y, kernels.shifts, kernels.const, groups=K)  # (N, K, H', W'): sum over offsets
+            y = F.conv2d(x, kernels.linear, bias).add_(F.conv2d(x * x, kernels.square))
+        out = y if kernels.shifts is None else F.conv2d(y, kernels.shifts, kernels.const, groups=K)  # (N, K, H', W')
     else:
         out = torch.zeros(N, K, H2, W2, dtype=feats.dtype, device=feats.device)
     for conv in kernels.convs:

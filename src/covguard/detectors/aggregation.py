@@ -93,7 +93,7 @@ def aggregate_layers(
     maps = {layer: g.raw_map(feats[layer], groups) for layer, g in gaussians.items()}  # {layer: (N, H', W')}
     if aggregate == "mean":  # the sums of aggregate_map's means, divided at once
         sums = torch.stack([m.flatten(1).sum(1, dtype=torch.float64) for m in maps.values()], dim=1)  # (N, L)
-        scores = sums / sums.new_tensor([m[0].numel() for m in maps.values()])  # (N, L)
+        scores = sums / sums.new_tensor([m.shape[1] * m.shape[2] for m in maps.values()])  # (N, L)
     else:
         scores = torch.stack([aggregate_map(m, aggregate, top_fraction) for m in maps.values()], dim=1)  # (N, L)
     probe = scores.sum()  # () float64, non-finite with any score (or where finite scores overflow it)
