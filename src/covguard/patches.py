@@ -323,6 +323,7 @@ def patch_mahalanobis_sq(feats: Tensor, form: QuadraticForm, *, kernel_size: int
     for conv in kernels.convs:
         z = F.conv2d(x if conv.cin == C else x[:, : conv.cin], conv.weight, conv.bias)  # (N, R, H', W')
         for lo, hi, k, sign in conv.segments:
-            out[:, k].add_(_channel_sum_sq(z if hi - lo == z.shape[1] else z[:, lo:hi]), alpha=sign)  # (N, H', W')
+            squares = _channel_sum_sq(z if hi - lo == z.shape[1] else z[:, lo:hi], keepdim=True)  # (N, 1, H', W')
+            (out if K == 1 else out[:, k : k + 1]).add_(squares, alpha=sign)
     return out.clamp_min_(0.0)  # (N, K, H', W')
 

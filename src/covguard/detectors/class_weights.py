@@ -24,41 +24,42 @@ class GroupRows:
 
     Attributes
     ----------
-    weights : Tensor of shape (N, K)
+    source : Tensor of shape (N, K) or (N,)
+        The weights, or the labels (int) of one-hot weights, it was built from.
     groups : tuple of (k, rows, w)
         Each group that some image weights, ascending ``k``: the indices (n_k,) of those images
-        (None: all N) and their weights (n_k, 1, 1) (None: all exactly 1, as top-1 gives them).
+        (None: all N) and their weights (n_k, 1, 1) (None: all exactly 1, as labels give them).
     """
 
-    weights: Tensor
+    source: Tensor
     groups: tuple[tuple[int, Tensor | None, Tensor | None], ...]
 
     def subset(self, index: Tensor) -> GroupRows:
         """The groups of the images ``index`` (n,), renumbered 0 .. n-1."""
-        return group_rows(self.weights[index])
+        return group_rows(self.source[index])
 
 
-def group_rows(weights: Tensor, labels: Tensor | None = None) -> GroupRows:
-    """Regroup per-image weights (N, K) by group (:class:`GroupRows`).
+def group_rows(source: Tensor) -> GroupRows:
+    """Regroup per-image weights by group (:class:`GroupRows`).
 
     Parameters
     ----------
-    weights : Tensor of shape (N, K)
-        Non-negative; zero where an image is not measured against a group.
-    labels : Tensor of shape (N,), optional
-        When ``weights`` is the one-hot encoding of these classes: read instead of the weights,
-        whose multiplications by 1 are then skipped.
+    source : Tensor of shape (N, K) or (N,)
+        Non-negative weights of each image and group (zero where an image is not measured
+        against a group), or each image's one group (int labels: weight 1, multiplications by 1
+        skipped).
     """
-    members = enumerate(labels.tolist()) if labels is not None else (weights > 0).nonzero().tolist()
+    labels = source.ndim == 1
+    members = enumerate(source.tolist()) if labels else (source > 0).nonzero().tolist()
     rows: dict[int, list[int]] = {}
     for row, k in members:
         rows.setdefault(k, []).append(row)
     groups = []
     for k in sorted(rows):
-        index = None if len(rows[k]) == len(weights) else torch.tensor(rows[k], device=weights.device)  # (n_k,)
-        w = None if labels is not None else (weights[:, k] if index is None else weights[index, k])[:, None, None]
+        index = None if len(rows[k]) == len(source) else torch.tensor(rows[k], device=source.device)  # (n_k,)
+        w = None if labels else (source[:, k] if index is None else source[index, k])[:, None, None]
         groups.append((k, index, w))
-    return GroupRows(weights, tuple(groups))
+    return GroupRows(source, tuple(groups))
 
 
 class SharedGroup:
@@ -117,7 +118,4 @@ class ClassWeighting:
 
     def score_groups(self, logits: Tensor) -> GroupRows:
         """:meth:`at_score` regrouped by class (:func:`group_rows`); top-1 from the predicted classes."""
-        if self.scoring == "top1":
-            labels = logits.argmax(1)  # (N,)
-            return group_rows(F.one_hot(labels, logits.shape[1]).to(logits.dtype), labels)
-        return group_rows(self.at_score(logits))
+        return group_rows(logits.argmax(1) if self.scoring == "top1" else self.at_score(logits))
