@@ -110,3 +110,15 @@ def test_feature_tap_hooks_the_module_a_name_holds_now():
         FeatureTap(model, ["9"])
     with pytest.raises(ValueError, match="must be distinct"):
         FeatureTap(model, ["1", "1"])
+
+
+def test_model_dtype_and_device_follow_the_parameters_order():
+    from covguard.features import model_device, model_dtype
+
+    model = nn.Sequential(nn.Identity(), nn.Sequential(nn.Linear(2, 3).double(), nn.Linear(3, 1)))
+    model.register_module("missing", None)
+    assert model_dtype(model) == torch.float64 and model_device(model) == torch.device("cpu")
+    counter = nn.Module()
+    counter.register_parameter("step", nn.Parameter(torch.zeros(1, dtype=torch.int64), requires_grad=False))
+    assert model_dtype(nn.Sequential(counter, nn.Linear(2, 2).half())) == torch.float16  # the first floating one
+    assert model_dtype(nn.ReLU()) == torch.float32 and model_device(nn.ReLU()) == torch.device("cpu")
