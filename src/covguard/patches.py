@@ -260,7 +260,7 @@ def _build_kernels(form: QuadraticForm, kernel_size: int) -> PatchKernels:
 def _channels_last(x: Tensor) -> bool:
     """Whether to convolve ``x`` (N, C, H, W) in channels_last layout (oneDNN's fast path for
     float32 on CPU, from ``_CHANNELS_LAST_MIN_BATCH`` images on)."""
-    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and x.shape[0] >= _CHANNELS_LAST_MIN_BATCH
+    return x.shape[0] >= _CHANNELS_LAST_MIN_BATCH and x.dtype in (torch.float32, torch.bfloat16) and x.is_cpu
 
 
 def _channel_sum_sq(t: Tensor, keepdim: bool = False) -> Tensor:
