@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 
@@ -91,9 +92,10 @@ def aggregate_layers(
         Whether every score is finite.
     """
     maps = {layer: g.raw_map(feats[layer], groups) for layer, g in gaussians.items()}  # {layer: (N, H', W')}
-    if aggregate == "mean":  # the sums of aggregate_map's means, divided at once
-        sums = torch.stack([m.flatten(1).sum(1, dtype=torch.float64) for m in maps.values()], dim=1)  # (N, L)
-        scores = sums / sums.new_tensor([m.shape[1] * m.shape[2] for m in maps.values()])  # (N, L)
+    if aggregate == "mean":  # every layer's mean at once: the concatenated maps times 1 / L_l on layer l's positions
+        flat = torch.cat([m.flatten(1) for m in maps.values()], dim=1).double()  # (N, sum L_l)
+        sizes = tuple(m.shape[1] * m.shape[2] for m in maps.values())
+        scores = flat @ _mean_weights(sizes, flat.device)  # (N, L)
     else:
         scores = torch.stack([aggregate_map(m, aggregate, top_fraction) for m in maps.values()], dim=1)  # (N, L)
     probe = scores.sum()  # () float64, non-finite with any score (or where finite scores overflow it)
@@ -107,3 +109,14 @@ def aggregate_layers(
         s = aggregate_map(m, aggregate, top_fraction)  # (N,) float64
         cols.append(s if ok is None else saturate(s, ok, torch.float64).masked_fill(~ok, float("inf")))
     return torch.stack(cols, dim=1), False
+
+
+@functools.lru_cache(maxsize=64)
+def _mean_weights(sizes: tuple[int, ...], device: torch.device) -> Tensor:
+    """(sum(sizes), L) float64 averaging weights: ``1 / sizes[l]`` on the rows of layer ``l``."""
+    weights = torch.zeros(sum(sizes), len(sizes), dtype=torch.float64, device=device)
+    start = 0
+    for column, size in enumerate(sizes):
+        weights[start : start + size, column] = 1.0 / size
+        start += size
+    return weights
