@@ -23,10 +23,12 @@ def _parameters(model: nn.Module) -> Iterator[Tensor]:
     one generator over ``_parameters`` instead of the four nested ones of ``parameters()``:
     reading the first costs a quarter. A parameter shared by two modules comes twice."""
     stack: list[nn.Module | None] = [model]
+    seen: set[nn.Module] = set()
     while stack:
         module = stack.pop()
-        if module is None:  # a submodule registered as None
+        if module is None or module in seen:  # a submodule registered as None, or met before
             continue
+        seen.add(module)
         for p in module._parameters.values():
             if p is not None:
                 yield p

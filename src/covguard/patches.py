@@ -52,7 +52,7 @@ __all__ = ["PatchKernels", "patch_kernels", "patch_vectors", "patch_mahalanobis_
 # chunks make convolutions too small to run at full speed (G = 4 measured best on ResNet-18).
 _TRIANGULAR_CHUNKS = 4
 # Smallest batch convolved in channels_last layout on CPU. ResNet-20 maps, one thread: the
-# contiguous layout is 1.5-2x faster at batch 1-8, even at 32, channels_last faster above.
+# contiguous layout is 1.5-2x faster at batch 1-8, about even at 32, channels_last faster above.
 _CHANNELS_LAST_MIN_BATCH = 16
 
 
