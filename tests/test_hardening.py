@@ -114,6 +114,27 @@ def test_nonfinite_input_scores_inf_is_flagged_and_warned(fitted, data, value):
     assert not torch.isnan(m).any() and torch.isinf(m[n]).any()
 
 
+@pytest.mark.parametrize("aggregate", ["mean", "max", "topq"])
+@pytest.mark.parametrize("relative", [False, True])
+def test_every_aggregate_flags_nonfinite_and_recomputes_overflows(aggregate, relative):
+    """Scores check all layers' maps at once; a NaN or an overflow sends them to the per-map checks."""
+    model, train = FeatNet().eval(), smooth_maps(40, seed=12)
+    kwargs = {"layers": ["feat"], "aggregate": aggregate, "covariance": "diag"}
+    if relative:
+        det = cg.ClassMahalanobis(model, relative=True, class_weights="probs", **kwargs).fit([train], progress=False)
+    else:
+        det = cg.SimpleMahalanobis(model, **kwargs).fit([train], progress=False)
+    x = smooth_maps(3, seed=14)
+    clean = det.score(x)
+    x[1, 0, 2, 2] = float("nan")
+    x[2] = 3e30  # squares overflow float32: recomputed in float64
+    with pytest.warns(RuntimeWarning, match="1 of 3 inputs have non-finite activations"):
+        s = det.score(x)
+    assert s[1] == float("inf") and torch.isfinite(s[[0, 2]]).all() and s[0] == clean[0]
+    layer_scores = det.layer_scores(x)
+    assert layer_scores[1, 0] == float("inf") and torch.isfinite(layer_scores[[0, 2]]).all()
+
+
 # ---- bad inputs ----------------------------------------------------------------------------------
 
 

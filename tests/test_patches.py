@@ -121,3 +121,30 @@ def test_patch_vectors_equal_torch_unfold(N, C, H, W, k, padding):
     ref = torch.nn.functional.unfold(feats, k, padding=padding).transpose(1, 2)  # (N, L, D)
     got = patch_vectors(feats, kernel_size=k, padding=padding)
     assert got.is_contiguous() and torch.equal(got, ref)
+
+
+@pytest.mark.parametrize("form, rank", [("full", 0), ("diag", 0), ("lowrank", 2)])
+@pytest.mark.parametrize("K", [1, 3])
+def test_kernel_size_one_equals_explicit(form, rank, K):
+    """k = 1: no offsets to sum, the constant is the bias of the per-pixel conv."""
+    C = 5
+    qf = random_form(C, K, form, max(rank, 1), seed=7)
+    feats = torch.randn(3, C, 4, 6, dtype=torch.float64)
+    got = patch_mahalanobis_sq(feats, qf, kernel_size=1)  # (N, K, H, W)
+    p = feats.permute(0, 2, 3, 1)  # (N, H, W, C)
+    ref = qf.distance_sq(p.reshape(-1, C)).reshape(3, 4, 6, K).permute(0, 3, 1, 2)
+    torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("form, rank", [("full", 0), ("diag", 0), ("lowrank", 3)])
+def test_float32_small_and_large_batches_match_float64(form, rank):
+    """Small batches keep the contiguous layout, large ones go channels_last: both within float32 rounding."""
+    from covguard.patches import _CHANNELS_LAST_MIN_BATCH
+
+    C = 4
+    qf = random_form(9 * C, 2, form, max(rank, 1), seed=3, offset=5.0)
+    for n in (1, _CHANNELS_LAST_MIN_BATCH):
+        feats = torch.randn(n, C, 7, 6, dtype=torch.float64) + 5.0
+        ref = patch_mahalanobis_sq(feats, qf, padding=1)
+        got = patch_mahalanobis_sq(feats.float(), qf.to(torch.float32), padding=1)
+        torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=1e-3)

@@ -29,7 +29,11 @@ How it is made fast (each step measured by ``covguard bench timing``):
 - An upper-triangular ``proj`` (the Cholesky whitening of the ``full`` form) is cut into
   ``_TRIANGULAR_CHUNKS`` column chunks, each convolving only the channels its columns touch:
   ``(1 + 1/G) / 2`` of the multiply-adds of a dense ``D x D`` kernel.
-- On CPU, float32 maps are convolved in ``channels_last`` layout (oneDNN's fast path).
+- On CPU, float32 maps of ``_CHANNELS_LAST_MIN_BATCH`` or more images are convolved in
+  ``channels_last`` layout (oneDNN's fast path); smaller batches keep the contiguous layout,
+  where the conversion and oneDNN's channels_last kernels cost more than they save. Sums of
+  squares over channels are one fused ``vector_norm`` where channels are contiguous, squares
+  summed otherwise (a norm across strided channels costs up to 20 times more).
 """
 
 from __future__ import annotations
@@ -47,6 +51,9 @@ __all__ = ["PatchKernels", "patch_kernels", "patch_vectors", "patch_mahalanobis_
 # Column chunks of a triangular projection: fewer chunks waste multiply-adds on zeros, more
 # chunks make convolutions too small to run at full speed (G = 4 measured best on ResNet-18).
 _TRIANGULAR_CHUNKS = 4
+# Smallest batch convolved in channels_last layout on CPU. ResNet-20 maps, one thread: the
+# contiguous layout is 1.5-2x faster at batch 1-8, about even at 32, channels_last faster above.
+_CHANNELS_LAST_MIN_BATCH = 16
 
 
 def output_size(size: int, kernel_size: int, padding: int) -> int:
@@ -105,16 +112,18 @@ class PatchKernels:
     ``sum_segments sign ||z_segment||^2 + sum_a y[k, a, i + a_i, j + a_j] + const_k``
 
     where the per-pixel terms ``y = conv1x1(x, linear) + box * sum_c x_c^2`` (isotropic diagonal)
-    or ``+ conv1x1(x^2, square)`` (general diagonal) carry the diagonal part of the form, one
-    channel per group and kernel offset ``a``, and the sum over offsets is a grouped conv with
-    one-hot kernels (``shifts``). This is cheaper than a ``k x k`` conv with one output channel.
+    or ``+ conv1x1(x^2, square)`` (general diagonal; one ``conv1x1([x, x^2], linear_square)``
+    for small batches) carry the diagonal part of the form, one channel per group and kernel
+    offset ``a``, and the sum over offsets is a grouped conv with one-hot kernels (``shifts``).
+    This is cheaper than a ``k x k`` conv with one output channel. For ``k = 1`` there are no
+    offsets to sum: ``y`` is the distance, with ``const`` as the bias of the linear conv.
 
     Attributes
     ----------
     kernel_size : int
     channels : int
         ``C = D / kernel_size^2``.
-    offset : Tensor of shape (C,) or None
+    offset : Tensor of shape (1, C, 1, 1) or None
         Per-channel shift subtracted from the map first; None when the form's mean is small
         next to its spread (``||mean||^2 <= tr(cov)``), so that float32 loses at most a factor
         ``sqrt(2)`` of accuracy without it and the copy is saved.
@@ -126,8 +135,11 @@ class PatchKernels:
         Weight of ``sum_c x_c^2`` (isotropic diagonal, e.g. ``lowrank``).
     square : Tensor of shape (K k^2, C, 1, 1) or None
         Weights of ``x_c^2`` (general diagonal, ``diag``).
+    linear_square : Tensor of shape (K k^2, 2 C, 1, 1) or None
+        ``linear`` and ``square`` side by side: the weights of ``[x, x^2]``.
     shifts : Tensor of shape (K, k^2, k, k) or None
-        One-hot kernels summing each group's ``k^2`` channels over the kernel offsets.
+        One-hot kernels summing each group's ``k^2`` channels over the kernel offsets; None
+        for ``k = 1``.
     const : Tensor of shape (K,) or None
         ``sum diag * mean^2`` per group.
     """
@@ -139,6 +151,7 @@ class PatchKernels:
     linear: Tensor | None
     box: Tensor | None
     square: Tensor | None
+    linear_square: Tensor | None
     shifts: Tensor | None
     const: Tensor | None
 
@@ -190,7 +203,7 @@ def _build_kernels(form: QuadraticForm, kernel_size: int) -> PatchKernels:
         offset = torch.zeros_like(offset)  # small mean: convolve the map as it is
         shift = None
     else:
-        shift = offset.to(dtype)
+        shift = offset.to(dtype).reshape(1, C, 1, 1)
     mean = (mean - offset[None, :, None]).reshape(K, D)  # (K, D) mean of the (shifted) map
 
     def kernel(rows: Tensor, cin: int) -> Tensor:
@@ -229,22 +242,36 @@ def _build_kernels(form: QuadraticForm, kernel_size: int) -> PatchKernels:
                 start += len(cols)
             cin = max(p[0] for p in group)
             convs.append(_Conv(cin, kernel(torch.cat(rows), cin), torch.cat(biases).to(dtype), tuple(segments)))
-    linear = box = square = shifts = const = None
+    linear = box = square = linear_square = shifts = const = None
     if form.diag is not None:
         diag = form.diag.double()  # (K, D)
         const = (diag * mean * mean).sum(-1).to(dtype)  # (K,)
-        linear = (-2 * diag * mean).reshape(K, C, kk).transpose(1, 2).reshape(K * kk, C, 1, 1).to(dtype)  # (K k^2, C, 1, 1)
+        linear = (-2 * diag * mean).reshape(K, C, kk).transpose(1, 2).reshape(K * kk, C, 1, 1).to(dtype).contiguous()  # (K k^2, C, 1, 1)
         if bool((diag == diag[:, :1]).all()):
-            box = diag[:, :1].expand(K, kk).reshape(1, K * kk, 1, 1).to(dtype)
+            box = diag[:, :1].expand(K, kk).reshape(1, K * kk, 1, 1).to(dtype).contiguous()
         else:
-            square = diag.reshape(K, C, kk).transpose(1, 2).reshape(K * kk, C, 1, 1).to(dtype)
-        shifts = torch.eye(kk, dtype=dtype, device=device).reshape(1, kk, kernel_size, kernel_size).repeat(K, 1, 1, 1)  # (K, k^2, k, k)
-    return PatchKernels(kernel_size, C, shift, tuple(convs), linear, box, square, shifts, const)
+            square = diag.reshape(K, C, kk).transpose(1, 2).reshape(K * kk, C, 1, 1).to(dtype).contiguous()
+            linear_square = torch.cat([linear, square], 1)  # (K k^2, 2C, 1, 1)
+        if kernel_size > 1:
+            shifts = torch.eye(kk, dtype=dtype, device=device).reshape(1, kk, kernel_size, kernel_size).repeat(K, 1, 1, 1)
+    return PatchKernels(kernel_size, C, shift, tuple(convs), linear, box, square, linear_square, shifts, const)
 
 
 def _channels_last(x: Tensor) -> bool:
-    """Whether to convolve ``x`` in channels_last layout (oneDNN's fast path for float32 on CPU)."""
-    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
+    """Whether to convolve ``x`` (N, C, H, W) in channels_last layout (oneDNN's fast path for
+    float32 on CPU, from ``_CHANNELS_LAST_MIN_BATCH`` images on)."""
+    return x.shape[0] >= _CHANNELS_LAST_MIN_BATCH and x.dtype in (torch.float32, torch.bfloat16) and x.is_cpu
+
+
+def _channel_sum_sq(t: Tensor, keepdim: bool = False) -> Tensor:
+    """``sum_c t_c^2`` of a map (N, C, H, W): (N, H, W), or (N, 1, H, W) with ``keepdim``.
+
+    One fused ``vector_norm`` (no temporary) where the channels are contiguous; otherwise the
+    squares summed, since a norm across the strided channels of a contiguous map is slow.
+    """
+    if t.stride(1) == 1:
+        return torch.linalg.vector_norm(t, dim=1, keepdim=keepdim).square_()
+    return (t * t).sum(1, keepdim=keepdim)
 
 
 def patch_mahalanobis_sq(feats: Tensor, form: QuadraticForm, *, kernel_size: int = 3, padding: int = 0) -> Tensor:
@@ -273,27 +300,30 @@ def patch_mahalanobis_sq(feats: Tensor, form: QuadraticForm, *, kernel_size: int
     if padding:
         feats = F.pad(feats, (padding,) * 4)
     layout = torch.channels_last if _channels_last(feats) else torch.contiguous_format
-    if kernels.offset is not None:
-        x = torch.empty_like(feats, memory_format=layout)
-        torch.sub(feats, kernels.offset[None, :, None, None], out=x)  # (N, C, H+2p, W+2p) shifted
-    else:
+    if kernels.offset is None:
         x = feats.contiguous(memory_format=layout)
+    elif feats.is_contiguous(memory_format=layout):
+        x = feats - kernels.offset  # (N, C, H+2p, W+2p) shifted, in the layout of feats
+    else:
+        x = torch.empty_like(feats, memory_format=layout)
+        torch.sub(feats, kernels.offset, out=x)  # (N, C, H+2p, W+2p) shifted, converted
     H, W = x.shape[-2:]
     H2, W2 = H - kernel_size + 1, W - kernel_size + 1
     if kernels.linear is not None:
-        y = F.conv2d(x, kernels.linear)  # (N, K k^2, H, W): per-pixel terms of every group and offset
-        if kernels.box is not None:
-            sq = torch.linalg.vector_norm(x, dim=1, keepdim=True).square_()  # (N, 1, H, W): sum_c x_c^2
-            y.addcmul_(sq, kernels.box)
+        bias = kernels.const if kernels.shifts is None else None  # k = 1: y is the distance
+        if kernels.box is not None:  # (N, K k^2, H, W): per-pixel terms of every group and offset
+            y = F.conv2d(x, kernels.linear, bias).addcmul_(_channel_sum_sq(x, keepdim=True), kernels.box)
+        elif layout == torch.contiguous_format:
+            y = F.conv2d(torch.cat([x, x * x], 1), kernels.linear_square, bias)
         else:
-            y.add_(F.conv2d(x * x, kernels.square))
-        out = F.conv2d(y, kernels.shifts, kernels.const, groups=K)  # (N, K, H', W'): sum over offsets
+            y = F.conv2d(x, kernels.linear, bias).add_(F.conv2d(x * x, kernels.square))
+        out = y if kernels.shifts is None else F.conv2d(y, kernels.shifts, kernels.const, groups=K)  # (N, K, H', W')
     else:
         out = torch.zeros(N, K, H2, W2, dtype=feats.dtype, device=feats.device)
     for conv in kernels.convs:
         z = F.conv2d(x if conv.cin == C else x[:, : conv.cin], conv.weight, conv.bias)  # (N, R, H', W')
         for lo, hi, k, sign in conv.segments:
-            norm = torch.linalg.vector_norm(z if hi - lo == z.shape[1] else z[:, lo:hi], dim=1)  # (N, H', W')
-            out[:, k].add_(norm.square_(), alpha=sign)
+            squares = _channel_sum_sq(z if hi - lo == z.shape[1] else z[:, lo:hi], keepdim=True)  # (N, 1, H', W')
+            (out if K == 1 else out[:, k : k + 1]).add_(squares, alpha=sign)
     return out.clamp_min_(0.0)  # (N, K, H', W')
 

@@ -87,3 +87,38 @@ def test_eval_mode_restores_every_submodule(tiny_model):
     with eval_mode(model):
         assert not any(m.training for m in model.modules())
     assert model.training and model[0].training and not model[1].training
+
+
+def test_eval_mode_switches_a_training_submodule_of_a_model_in_eval_mode():
+    model = nn.Sequential(nn.Sequential(nn.Conv2d(1, 2, 3), nn.Dropout(0.5)), nn.ReLU()).eval()
+    model[0][1].train()  # deep inside a model otherwise in eval mode
+    with eval_mode(model):
+        assert not any(m.training for m in model.modules())
+    assert model[0][1].training and not model.training and not model[0][0].training
+
+
+def test_feature_tap_hooks_the_module_a_name_holds_now():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.LazyLinear(2))
+    x = torch.rand(2, 1, 5, 5)
+    with torch.no_grad(), FeatureTap(model, ["1"]) as tap:
+        tap(x)
+    model[1] = nn.Tanh()  # replaced after a first tap
+    with torch.no_grad(), FeatureTap(model, ["1"]) as tap:
+        _, feats = tap(x)
+    assert feats["1"].min() < 0  # Tanh, not the old ReLU
+    with pytest.raises(ValueError, match=r"layers \['9'\] are not modules of the model"):
+        FeatureTap(model, ["9"])
+    with pytest.raises(ValueError, match="must be distinct"):
+        FeatureTap(model, ["1", "1"])
+
+
+def test_model_dtype_and_device_follow_the_parameters_order():
+    from covguard.features import model_device, model_dtype
+
+    model = nn.Sequential(nn.Identity(), nn.Sequential(nn.Linear(2, 3).double(), nn.Linear(3, 1)))
+    model.register_module("missing", None)
+    assert model_dtype(model) == torch.float64 and model_device(model) == torch.device("cpu")
+    counter = nn.Module()
+    counter.register_parameter("step", nn.Parameter(torch.zeros(1, dtype=torch.int64), requires_grad=False))
+    assert model_dtype(nn.Sequential(counter, nn.Linear(2, 2).half())) == torch.float16  # the first floating one
+    assert model_dtype(nn.ReLU()) == torch.float32 and model_device(nn.ReLU()) == torch.device("cpu")

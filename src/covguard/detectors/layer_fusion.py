@@ -121,10 +121,13 @@ class LayerFusion:
     def combine(self, layer_scores: Tensor) -> Tensor:
         """(N, L) layer scores -> (N,) float64 fused score (the raw score for one layer, but for
         ``"gaussian"``)."""
-        s64 = layer_scores.double()
+        s64 = layer_scores if layer_scores.dtype == torch.float64 else layer_scores.double()
         if not self.needs_holdout:
             return s64[:, 0]
-        z = (s64 - self.mean_.to(s64.device)) / self.std_.to(s64.device)  # (N, L)
+        mean, std = self.mean_, self.std_
+        if mean.device != s64.device:
+            mean, std = mean.to(s64.device), std.to(s64.device)
+        z = (s64 - mean) / std  # (N, L)
         if self.method == "sum":
             return z.sum(1)
         if self.method == "max":

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from covguard.covariance import CovarianceConfig, QuadraticForm
-from covguard.detectors.aggregation import AGGREGATES, aggregate_map, check_top_fraction
+from covguard.detectors.aggregation import AGGREGATES, aggregate_layers, check_top_fraction
 from covguard.detectors.base import Detector, check_is_fitted, warn_nonfinite
 from covguard.detectors.distributed import sync_shards, use_distributed
 from covguard.detectors.class_weights import ClassWeighting, SharedGroup
@@ -350,29 +350,24 @@ class PatchMahalanobis(PatchState, Detector):
 
     # ---- scoring ------------------------------------------------------------------------------
 
-    def _raw_maps(self, logits: Tensor, feats: dict[str, Tensor]) -> dict[str, tuple[Tensor, Tensor | None]]:
-        """Per layer: the distance map (N, H', W') in its compute dtype and which images have
-        finite activations ((N,) bool, or None when every distance is finite)."""
-        weights = self.weighting.at_score(logits)  # (N, K) or None
-        return {layer: self.gaussians[layer].distance_map(feats[layer], weights) for layer in self.layers}
-
     def distance_maps_features(self, logits: Tensor, feats: dict[str, Tensor]) -> dict[str, Tensor]:
         """Squared distance of every patch, {layer: (N, H', W')} in the features' dtype (saturated)."""
         check_is_fitted(self)
-        return {layer: saturate(m, ok, feats[layer].dtype) for layer, (m, ok) in self._raw_maps(logits, feats).items()}
+        groups = self.weighting.score_groups(logits)
+        return {layer: saturate(*g.distance_map(feats[layer], groups), feats[layer].dtype) for layer, g in self.gaussians.items()}
+
+    def _layer_scores(self, logits: Tensor, feats: dict[str, Tensor]) -> tuple[Tensor, bool]:
+        """:meth:`layer_scores_features` and whether every score is finite (one host sync)."""
+        if len(self.forms_) != len(self.layers):
+            check_is_fitted(self)
+        return aggregate_layers(self.gaussians, feats, self.weighting.score_groups(logits), self.aggregate, self.top_fraction)
 
     def layer_scores_features(self, logits: Tensor, feats: dict[str, Tensor]) -> Tensor:
         """Aggregated score of each layer, (N, L) float64; +inf where activations are not finite.
 
         Needs the fitted forms only (not the layer standardization), so it serves to standardize.
         """
-        if len(self.forms_) != len(self.layers):
-            check_is_fitted(self)
-        cols = []
-        for m, ok in self._raw_maps(logits, feats).values():
-            s = aggregate_map(m, self.aggregate, self.top_fraction)  # (N,) float64
-            cols.append(s if ok is None else saturate(s, ok, torch.float64).masked_fill(~ok, float("inf")))
-        return torch.stack(cols, dim=1)  # (N, L)
+        return self._layer_scores(logits, feats)[0]
 
     def combine(self, layer_scores: Tensor) -> Tensor:
         """The fused score (N,) in the model's dtype from layer scores (N, L): the sum (maximum,
@@ -386,7 +381,11 @@ class PatchMahalanobis(PatchState, Detector):
 
     def score_features(self, logits: Tensor, feats: dict[str, Tensor]) -> Tensor:
         """Fused score (N,) in the model's dtype (:meth:`combine` of the layer scores)."""
-        return self.combine(self.layer_scores_features(logits, feats))
+        scores, finite = self._layer_scores(logits, feats)
+        if not finite:
+            return self.combine(scores)
+        check_is_fitted(self)  # every score finite: combine without looking for non-finite ones
+        return saturate(self.layer_fusion.combine(scores), None, model_dtype(self.model))
 
     @torch.no_grad()
     def distance_maps(self, x: Tensor) -> dict[str, Tensor]:

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from covguard.covariance import QuadraticForm
+from covguard.detectors.class_weights import GroupRows
 from covguard.patches import output_size, patch_mahalanobis_sq, patch_vectors
 
 __all__ = [
@@ -136,38 +137,56 @@ class PatchGaussian:
             self._cache = {key: (self.form_.to(use, device), None if self.background_ is None else self.background_.to(use, device))}
         return self._cache[key]
 
-    def _map(self, f: Tensor, forms: tuple[QuadraticForm, QuadraticForm | None], weights: Tensor | None) -> Tensor:
+    def _map(self, f: Tensor, forms: tuple[QuadraticForm, QuadraticForm | None], groups: GroupRows | None) -> Tensor:
         """Squared distances (N, H', W') in the dtype of the forms, less the background's."""
         form, background = forms
-        f = f.to(form.mean.dtype)
-        geometry = {"kernel_size": self.kernel_size, "padding": self.padding}
-        if weights is None:
-            out = patch_mahalanobis_sq(f, form, **geometry)[:, 0]  # (N, H', W')
+        dtype, k_size, pad = form.mean.dtype, self.kernel_size, self.padding
+        f = f if f.dtype == dtype else f.to(dtype)
+        if groups is None:
+            out = patch_mahalanobis_sq(f, form, kernel_size=k_size, padding=pad)[:, 0]  # (N, H', W')
         else:
-            weights = weights.to(form.mean.dtype)
-            size = [output_size(n, self.kernel_size, self.padding) for n in f.shape[-2:]]
-            out = torch.zeros(f.shape[0], *size, dtype=f.dtype, device=f.device)  # (N, H', W')
+            size = (f.shape[0], *[output_size(n, k_size, pad) for n in f.shape[-2:]])
+            out = None
             # Score each image only against the groups it weights: K times less work for top-1.
-            for k in (weights > 0).any(0).nonzero().flatten().tolist():
-                rows = (weights[:, k] > 0).nonzero().flatten()
-                d2 = patch_mahalanobis_sq(f[rows], form.group(k), **geometry)[:, 0]  # (n_k, H', W')
-                out.index_add_(0, rows, d2 * weights[rows, k, None, None])
+            for k, rows, w in groups.groups:  # rows (n_k,) or None for all, w (n_k, 1, 1) or None for 1
+                d2 = patch_mahalanobis_sq(f if rows is None else f[rows], form.group(k), kernel_size=k_size, padding=pad)[:, 0]
+                d2 = d2 if w is None else d2 * (w if w.dtype == dtype else w.to(dtype))  # (n_k, H', W')
+                if rows is None:
+                    out = d2 if out is None else out.add_(d2)  # (N, H', W')
+                else:
+                    out = torch.zeros(size, dtype=dtype, device=f.device) if out is None else out
+                    out.index_add_(0, rows, d2)
+            out = torch.zeros(size, dtype=dtype, device=f.device) if out is None else out  # (N, H', W')
         if background is not None:  # the weights of each image sum to 1: sum_k w_k (d2_k - d2_shared)
-            out = out - patch_mahalanobis_sq(f, background, **geometry)[:, 0]  # (N, H', W')
+            out = out - patch_mahalanobis_sq(f, background, kernel_size=k_size, padding=pad)[:, 0]  # (N, H', W')
         return out
 
-    def distance_map(self, f: Tensor, weights: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        """Squared distance of every patch (less the background's, for relative distances) and
-        which images have finite activations.
-
-        Every activation lies in some patch and reaches its distance with a nonzero weight, so a
-        non-finite activation always gives a non-finite distance: the (C times larger) feature
-        map is inspected only for images whose distances are not all finite.
+    def raw_map(self, f: Tensor, groups: GroupRows | None) -> Tensor:
+        """Squared distance of every patch (less the background's), unchecked: the map of
+        :meth:`distance_map` before its non-finite values are inspected.
 
         Parameters
         ----------
         f : Tensor of shape (N, C, H, W)
-        weights : Tensor of shape (N, K), optional
+        groups : GroupRows, optional
+            Weight of each group in each image's distance (None: the one group).
+
+        Returns
+        -------
+        Tensor of shape (N, H', W')
+            In the features' dtype, or float64 where the form needs it.
+        """
+        self.check_map(f)
+        return self._map(self._prepare(f), self._forms_for(f.dtype, f.device), groups)
+
+    def distance_map(self, f: Tensor, groups: GroupRows | None) -> tuple[Tensor, Tensor | None]:
+        """Squared distance of every patch (less the background's, for relative distances) and
+        which images have finite activations: :meth:`check_finite` of :meth:`raw_map`.
+
+        Parameters
+        ----------
+        f : Tensor of shape (N, C, H, W)
+        groups : GroupRows, optional
             Weight of each group in each image's distance (None: the one group).
 
         Returns
@@ -179,9 +198,29 @@ class PatchGaussian:
         finite : BoolTensor of shape (N,) or None
             Images whose activations are finite; None when every distance is finite.
         """
-        self.check_map(f)
-        x = self._prepare(f)
-        m = self._map(x, self._forms_for(f.dtype, f.device), weights)  # (N, H', W')
+        return self.check_finite(f, groups, self.raw_map(f, groups))
+
+    def check_finite(self, f: Tensor, groups: GroupRows | None, m: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The map ``m = raw_map(f, groups)`` with its overflows recomputed in float64, and
+        which images have finite activations (as :meth:`distance_map` returns them).
+
+        Every activation lies in some patch and reaches its distance with a nonzero weight, so a
+        non-finite activation always gives a non-finite distance: the (C times larger) feature
+        map is inspected only for images whose distances are not all finite. Those whose
+        activations are finite overflowed: they are recomputed in float64.
+
+        Parameters
+        ----------
+        f : Tensor of shape (N, C, H, W)
+        groups : GroupRows, optional
+        m : Tensor of shape (N, H', W')
+
+        Returns
+        -------
+        map : Tensor of shape (N, H', W')
+        finite : BoolTensor of shape (N,) or None
+            None when every distance is finite.
+        """
         bad = ~torch.isfinite(m).flatten(1).all(1)  # (N,)
         if not bool(bad.any()):
             return m, None
@@ -190,8 +229,8 @@ class PatchGaussian:
         if len(redo) and m.dtype != torch.float64:  # overflow in the features' dtype: recompute in float64
             bg = self.background_
             forms64 = (self.form_.to(torch.float64, f.device), None if bg is None else bg.to(torch.float64, f.device))
-            w64 = None if weights is None else weights[redo]
-            m = m.double().index_copy(0, redo, self._map(x[redo], forms64, w64))
+            sub = None if groups is None else groups.subset(redo)
+            m = m.double().index_copy(0, redo, self._map(self._prepare(f[redo]), forms64, sub))
         return m, ok
 
 
