@@ -46,7 +46,7 @@ from torch import Tensor
 
 from covguard.covariance import QuadraticForm
 
-__all__ = ["PatchKernels", "patch_kernels", "patch_vectors", "patch_mahalanobis_sq", "output_size"]
+__all__ = ["PatchKernels", "patch_kernels", "patch_vectors", "patch_vectors_at", "patch_mahalanobis_sq", "output_size"]
 
 # Column chunks of a triangular projection: fewer chunks waste multiply-adds on zeros, more
 # chunks make convolutions too small to run at full speed (G = 4 measured best on ResNet-18).
@@ -86,6 +86,32 @@ def patch_vectors(feats: Tensor, *, kernel_size: int = 3, padding: int = 0) -> T
     windows = feats.unfold(2, kernel_size, 1).unfold(3, kernel_size, 1)  # (N, C, H', W', k, k) view
     H2, W2 = windows.shape[2:4]
     return windows.permute(0, 2, 3, 1, 4, 5).reshape(N, H2 * W2, C * kernel_size * kernel_size).contiguous()  # (N, L, D)
+
+
+def patch_vectors_at(feats: Tensor, rows: Tensor, *, kernel_size: int = 3, padding: int = 0) -> Tensor:
+    """The patches of :func:`patch_vectors` at chosen rows only, without unfolding the others.
+
+    Parameters
+    ----------
+    feats : Tensor of shape (N, C, H, W)
+    rows : Tensor of shape (M,)
+        Integer rows ``n L + l`` of the flattened (N L, D) patch matrix.
+    kernel_size, padding : int
+        As :func:`patch_vectors`.
+
+    Returns
+    -------
+    Tensor of shape (M, D)
+        Equal to ``patch_vectors(feats, ...).reshape(N * L, D)[rows]``.
+    """
+    if padding:
+        feats = F.pad(feats, (padding,) * 4)
+    windows = feats.unfold(2, kernel_size, 1).unfold(3, kernel_size, 1).permute(0, 2, 3, 1, 4, 5)  # (N, H', W', C, k, k) view
+    W2 = windows.shape[2]
+    rows = rows.to(feats.device)
+    L = windows.shape[1] * W2
+    n, pos = rows // L, rows % L
+    return windows[n, pos // W2, pos % W2].reshape(len(rows), -1)  # (M, D)
 
 
 @dataclass(frozen=True)

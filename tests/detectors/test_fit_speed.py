@@ -6,8 +6,9 @@ import torch
 
 import covguard as cg
 from covguard.covariance import CovarianceConfig, diagonal_form, quadratic_form
-from covguard.detectors.accumulators import subsample_positions
+from covguard.detectors.accumulators import draw_positions
 from covguard.compact_stats import StreamingDiagonalMoments
+from covguard.patches import patch_vectors_at
 from covguard.stats import batch_moments
 
 
@@ -55,12 +56,11 @@ def test_diagonal_detector_keeps_only_per_coordinate_statistics_and_scores_as_th
 
 def test_fit_positions_draws_a_seeded_share_of_each_images_patches(tiny_model, images):
     x, y = images
-    p = torch.arange(6 * 10, dtype=torch.float32).reshape(60, 1)  # 6 images x 10 positions
-    kept, w = subsample_positions(p, None, 6, 0.3, torch.Generator().manual_seed(0))
-    assert w is None and kept.shape == (18, 1)
+    kept = draw_positions(6, 10, 0.3, torch.Generator().manual_seed(0))  # 6 images x 10 positions
+    assert kept.shape == (18,) and len(set(kept.tolist())) == 18
     assert [int((kept // 10 == i).sum()) for i in range(6)] == [3] * 6  # 3 positions of every image
-    again, _ = subsample_positions(p, None, 6, 0.3, torch.Generator().manual_seed(0))
-    assert torch.equal(kept, again)
+    assert torch.equal(kept, draw_positions(6, 10, 0.3, torch.Generator().manual_seed(0)))
+    assert draw_positions(6, 10, 1.0, torch.Generator()) is None
 
     def fitted(**kwargs):
         det = cg.ClassMahalanobis(tiny_model, layers=["block1"], keep_moments=True, **kwargs)
@@ -73,3 +73,36 @@ def test_fit_positions_draws_a_seeded_share_of_each_images_patches(tiny_model, i
     assert not torch.equal(half.score(x[:20]), other.score(x[:20]))
     with pytest.raises(ValueError, match="fit_positions must be a number in"):
         cg.SimpleMahalanobis(tiny_model, layers=["block1"], fit_positions=0)
+
+
+@pytest.mark.parametrize("padding", [0, 1])
+def test_patches_at_rows_equal_numpy_patches_of_an_explicit_unfold(padding):
+    gen = torch.Generator().manual_seed(3)
+    f = torch.randn(3, 4, 5, 6, generator=gen)
+    rows = torch.tensor([0, 7, 11, 12, 25, 30, 35])  # within 3 images x 12 positions (padding 0)
+    fp = np.pad(f.numpy(), ((0, 0), (0, 0), (padding, padding), (padding, padding)))
+    H2, W2 = fp.shape[2] - 2, fp.shape[3] - 2
+    L = H2 * W2
+    ref = np.stack([fp[r // L, :, (r % L) // W2 : (r % L) // W2 + 3, (r % L) % W2 : (r % L) % W2 + 3].reshape(-1) for r in rows.tolist()])
+    np.testing.assert_array_equal(patch_vectors_at(f, rows, kernel_size=3, padding=padding).numpy(), ref)
+
+
+def test_subsampled_fit_has_the_moments_of_the_drawn_patches_of_an_explicit_unfold(tiny_model, images):
+    x, y = images
+    det = cg.SimpleMahalanobis(tiny_model, layers=["block1"], keep_moments=True, fit_positions=0.25, random_state=4)
+    det.fit([(x[:50], y[:50]), (x[50:120], y[50:120])], progress=False)
+    feats = []
+    with torch.no_grad():
+        handle = tiny_model.block1.register_forward_hook(lambda m, i, o: feats.append(o.double().numpy()))
+        tiny_model(x[:50]), tiny_model(x[50:120])
+        handle.remove()
+    gen, drawn = torch.Generator().manual_seed(4), []
+    for f in feats:  # (N, C, 8, 8): 6 x 6 positions of 3x3 patches, no padding
+        patches = np.stack([f[:, :, i : i + 3, j : j + 3].reshape(len(f), -1) for i in range(6) for j in range(6)], 1)  # (N, L, D)
+        drawn.append(patches.reshape(-1, patches.shape[-1])[draw_positions(len(f), 36, 0.25, gen).numpy()])
+    drawn = np.concatenate(drawn)
+    m = det.moments_["block1"]
+    assert m.n.item() == len(drawn) == 120 * 9
+    np.testing.assert_allclose(m.mean[0].numpy(), drawn.mean(0), rtol=1e-6, atol=1e-8)
+    centered = drawn - drawn.mean(0)
+    np.testing.assert_allclose(m.scatter[0].numpy(), centered.T @ centered, rtol=1e-5, atol=1e-5)

@@ -27,9 +27,9 @@ __all__ = [
     "DiagonalAccumulator",
     "ExactAccumulator",
     "SharedBasisAccumulator",
+    "draw_positions",
     "fill_groups",
     "repair_degenerate",
-    "subsample_positions",
 ]
 
 
@@ -67,35 +67,30 @@ def repair_degenerate(layer: str, moments: Moments) -> Moments:
     return Moments(moments.n, moments.mean, scatter)
 
 
-def subsample_positions(
-    p: Tensor, w: Tensor | None, n_images: int, fraction: float, generator: torch.Generator
-) -> tuple[Tensor, Tensor | None]:
-    """A seeded random share of each image's patch positions.
+def draw_positions(n_images: int, n_positions: int, fraction: float, generator: torch.Generator) -> Tensor | None:
+    """Rows of a seeded random share of each image's patch positions.
 
     Parameters
     ----------
-    p : Tensor of shape (N L, D)
-        Patch vectors, image by image (as :meth:`PatchGaussian.patches` gives them).
-    w : Tensor of shape (N L, K) or None
-        Their group weights.
     n_images : int
         ``N``.
+    n_positions : int
+        ``L``, patch positions per image.
     fraction : float
-        Share of the ``L`` positions kept per image, in (0, 1]: ``max(1, round(fraction L))``.
+        Share of the positions kept per image, in (0, 1]: ``m = max(1, round(fraction L))``.
     generator : torch.Generator
         CPU generator of the draws.
 
     Returns
     -------
-    (Tensor of shape (N m, D), Tensor of shape (N m, K) or None)
+    Tensor of shape (N m,) or None
+        Rows ``n L + l`` of the kept patches, image by image; None keeps every position.
     """
     if fraction >= 1:
-        return p, w
-    L = p.shape[0] // n_images
-    m = max(1, round(fraction * L))
-    keep = torch.rand(n_images, L, generator=generator).argsort(1)[:, :m]  # (N, m) positions per image
-    rows = (keep + L * torch.arange(n_images)[:, None]).flatten().to(p.device)  # (N m,)
-    return p[rows], None if w is None else w[rows]
+        return None
+    m = max(1, round(fraction * n_positions))
+    keep = torch.rand(n_images, n_positions, generator=generator).argsort(1)[:, :m]  # (N, m) positions per image
+    return (keep + n_positions * torch.arange(n_images)[:, None]).flatten()  # (N m,)
 
 
 class ExactAccumulator:

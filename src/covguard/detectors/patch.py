@@ -35,7 +35,7 @@ from covguard.detectors.base import Detector, check_is_fitted, warn_nonfinite
 from covguard.detectors.distributed import sync_shards, use_distributed
 from covguard.detectors.class_weights import ClassWeighting, SharedGroup
 from covguard.detectors.layer_fusion import FUSIONS, LayerFusion, check_layer_scores
-from covguard.detectors.accumulators import DiagonalAccumulator, ExactAccumulator, subsample_positions
+from covguard.detectors.accumulators import DiagonalAccumulator, ExactAccumulator, draw_positions
 from covguard.detectors.patch_gaussian import NORMALIZATIONS, PatchGaussian, per_layer, saturate
 from covguard.detectors.patch_state import PatchState
 from covguard.features import model_device, model_dtype, parameter_sha256
@@ -248,8 +248,9 @@ class PatchMahalanobis(PatchState, Detector):
         self._fit_prepare(logits, feats)
         weights = self.weighting.at_fit(logits, y)  # (N, K) or None
         for layer, f in feats.items():
-            p, w = self.gaussians[layer].patches(f, weights)  # (N L, D), (N L, K) or None
-            self._accumulators[layer].update(self.current_pass, *subsample_positions(p, w, f.shape[0], self.fit_positions, self._draws))
+            g = self.gaussians[layer]
+            rows = draw_positions(f.shape[0], g.n_positions(f), self.fit_positions, self._draws)  # (N m,) or None: all
+            self._accumulators[layer].update(self.current_pass, *g.patches(f, weights, rows))  # (M, D), (M, K) or None
 
     def _fit_end_pass(self, index: int) -> None:
         for acc in self._accumulators.values():

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from covguard.covariance import QuadraticForm
 from covguard.detectors.class_weights import GroupRows
-from covguard.patches import output_size, patch_mahalanobis_sq, patch_vectors
+from covguard.patches import output_size, patch_mahalanobis_sq, patch_vectors, patch_vectors_at
 
 __all__ = [
     "NORMALIZATIONS",
@@ -113,12 +113,21 @@ class PatchGaussian:
         """The map patches are formed from: ``f`` itself or position-normalized."""
         return normalize_positions(f) if self.normalize == "position" else f
 
-    def patches(self, f: Tensor, weights: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        """Patch vectors (N L, D) of a map (N, C, H, W) and their group weights (N L, K) from
-        per-image weights (N, K), or None for one group."""
-        p = patch_vectors(self._prepare(f), kernel_size=self.kernel_size, padding=self.padding)  # (N, L, D)
-        w = None if weights is None else weights.repeat_interleave(p.shape[1], dim=0)  # (N L, K)
-        return p.reshape(-1, p.shape[-1]), w  # (N L, D)
+    def n_positions(self, f: Tensor) -> int:
+        """Patch positions ``L`` per image of a map (N, C, H, W)."""
+        return output_size(f.shape[-2], self.kernel_size, self.padding) * output_size(f.shape[-1], self.kernel_size, self.padding)
+
+    def patches(self, f: Tensor, weights: Tensor | None, rows: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """Patch vectors (M, D) of a map (N, C, H, W) and their group weights (M, K) from
+        per-image weights (N, K), or None for one group: every patch (M = N L, image by image)
+        or the rows ``n L + l`` given (M,), the others never unfolded."""
+        f = self._prepare(f)
+        if rows is None:
+            p = patch_vectors(f, kernel_size=self.kernel_size, padding=self.padding)  # (N, L, D)
+            w = None if weights is None else weights.repeat_interleave(p.shape[1], dim=0)  # (N L, K)
+            return p.reshape(-1, p.shape[-1]), w  # (N L, D)
+        p = patch_vectors_at(f, rows, kernel_size=self.kernel_size, padding=self.padding)  # (M, D)
+        return p, None if weights is None else weights[rows.to(weights.device) // self.n_positions(f)]
 
     def set_form(self, form: QuadraticForm, channels: int, background: QuadraticForm | None = None) -> None:
         """Store the fitted form (and the background form of relative distances, K = 1) on the
