@@ -232,9 +232,12 @@ def _add_frontier(parser: argparse.ArgumentParser) -> None:
                         help="models timed (resnet20: the fitted checkpoint; resnet18_32x32: random init)")
     parser.add_argument("--n-images", type=int, default=d.n_images, help="seeded images per test set")
     parser.add_argument("--fit-positions", type=float, default=d.fit_positions, help="share of patch positions of the subsampled fits")
+    parser.add_argument("--sweep-positions", nargs="+", type=float, default=list(d.sweep_positions),
+                        help="smaller shares of positions fitted for the default form")
     parser.add_argument("--attacks", nargs="+", choices=("fgsm", "bim", "pgd", "igm"), default=list(d.attacks))
     parser.add_argument("--repeats", type=int, default=d.repeats, help="interleaved timing repeats (medians)")
     parser.add_argument("--cache-dir", default=None, help="cache of the attacks (default: $COVGUARD_CACHE/suite or ~/.cache/covguard/suite)")
+    parser.add_argument("--resume", action="store_true", help="reuse the quality measurements of the report in --out (same settings)")
     parser.set_defaults(func=commands.bench_frontier)
 
 

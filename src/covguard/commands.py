@@ -178,12 +178,12 @@ def bench_frontier(args: argparse.Namespace) -> int:
 
     config = FrontierConfig(
         models=tuple(args.models), checkpoints=args.checkpoints, timing_models=tuple(args.timing_models), n_images=args.n_images,
-        n_holdout=args.n_holdout, max_train=args.max_train, fit_positions=args.fit_positions, attacks=tuple(args.attacks),
-        repeats=args.repeats, seed=args.seed, batch_size=args.batch_size, device=args.device, cache_dir=args.cache_dir,
-        progress=not args.no_progress,
+        n_holdout=args.n_holdout, max_train=args.max_train, fit_positions=args.fit_positions,
+        sweep_positions=tuple(args.sweep_positions), attacks=tuple(args.attacks), repeats=args.repeats, seed=args.seed,
+        batch_size=args.batch_size, device=args.device, cache_dir=args.cache_dir, progress=not args.no_progress,
     )
     tic = time.perf_counter()
-    run_frontier(_data_root(args.data), args.out, config)
+    run_frontier(_data_root(args.data), args.out, config, resume=args.resume)
     print((Path(args.out) / "results.md").read_text())
     print(f"Report written to {args.out} in {time.perf_counter() - tic:.1f} s")
     return 0

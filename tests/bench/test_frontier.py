@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from covguard.bench import frontier
-from covguard.bench.frontier import BASIS, FORMS, KINDS, FrontierConfig, choose_default, run_frontier, variant_names
+from covguard.bench.frontier import BASIS, FORMS, KINDS, FrontierConfig, choose_default, run_frontier, sweep_name, variant_names
 from covguard.models import cifar_resnet
 from fake_root import build_root
 
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:classes .* have no fit samples:R
 CONFIG = FrontierConfig(
     models=("resnet20",), checkpoints="original", timing_models=("resnet20", "resnet18_32x32"), n_images=40, n_id_val=30,
     n_ood_val_classes=5, n_holdout=40, eps=64 / 255, steps=2, igm_scales=2, batch_sizes=(4, 1), repeats=1, max_calls=1, fit_batches=(1, 2),
-    batch_size=32, progress=False,
+    batch_size=32, progress=False, sweep_positions=(0.1,),
 )
 
 
@@ -34,11 +34,14 @@ def run(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:  # ResNet-18's four stages hold 4,608-d patches: time its first stage only
         mp.setitem(frontier.TIMING_LAYERS, "resnet18_32x32", ("layer1",))
         results = run_frontier(root, out, cfg)
-    return results, out, cfg
+        mp.setattr(frontier, "_variants", lambda *a: pytest.fail("resume fitted the variants again"))
+        mp.setattr(frontier, "_sweep", lambda *a: pytest.fail("resume fitted the sweep again"))
+        again = run_frontier(root, out, cfg, resume=True)
+    return results, out, cfg, again
 
 
 def test_every_variant_is_scored_and_timed(run):
-    results, out, cfg = run
+    results, out, cfg, again = run
     names = variant_names()
     assert len(names) == len(KINDS) * len(FORMS) * 2 + len(BASIS)
     quality = results["models"]["resnet20"]["quality"]
@@ -58,10 +61,14 @@ def test_every_variant_is_scored_and_timed(run):
     for model in cfg.timing_models:
         assert {r["detector"] for r in results["fit"][model]} >= {f"{kind}/{results['default'][kind]['form']} positions=1"
                                                                   for kind in KINDS}
+    for kind, d in results["default"].items():
+        swept = results["models"]["resnet20"]["sweep"]["per_set"][sweep_name(kind, d["form"], 0.1)]
+        assert set(swept) == {"val", "cifar100", "tin", "mnist", "mnist_jpeg", *scored}
+        assert d["fit_positions"] in (1.0, cfg.fit_positions, 0.1)
     on_disk = json.loads((out / "results.json").read_text())
-    assert on_disk["default"] == results["default"]
+    assert on_disk["default"] == again["default"]  # the resumed run rewrote the report
     text = (out / "results.md").read_text()
-    assert "## The default" in text and "## Fit throughput" in text and (out / "frontier.png").stat().st_size > 0
+    assert "## The default" in text and "## Fit throughput" in text and "Shares of positions" in text and (out / "frontier.png").stat().st_size > 0
 
 
 def _fake(val: dict[str, float], overhead: dict[str, float], positions_val: dict[str, float]) -> dict:
@@ -98,3 +105,24 @@ def test_config_refuses_bad_settings():
                            ({"fit_batches": (3, 2)}, "fit_batches"), ({"timing_models": ("resnet50",)}, "timing_models")):
         with pytest.raises(ValueError, match=field):
             FrontierConfig(**{**CONFIG.__dict__, **changes}).check()
+    with pytest.raises(ValueError, match="sweep_positions"):
+        FrontierConfig(**{**CONFIG.__dict__, "sweep_positions": (0.5, 1.0)}).check()
+
+
+def test_resume_reuses_quality_and_sweep_of_the_same_settings_and_times_again(run):
+    results, out, cfg, again = run
+    assert again["models"] == results["models"]
+    assert set(again["timing"]) == set(results["timing"]) and again["default"]["simple"]["form"] in FORMS
+    other = FrontierConfig(**{**cfg.__dict__, "n_images": cfg.n_images + 1})
+    assert frontier._stored_quality(out, other) == {}  # other quality settings: measured again
+
+
+def test_default_takes_the_smallest_share_of_positions_within_tolerance_on_validation():
+    val = dict.fromkeys(FORMS, 0.8) | {"diag": 0.9}
+    results = _fake(val, {"diag": 0.01}, {"diag": 0.899})
+    results["models"]["m"]["sweep"] = {"categories": {sweep_name("simple", "diag", 0.1): dict.fromkeys(("val", "near", "far", "adversarial"), 0.897),
+                                                      sweep_name("simple", "diag", 0.05): dict.fromkeys(("val", "near", "far", "adversarial"), 0.89)}}
+    cfg = FrontierConfig(**{**CONFIG.__dict__, "sweep_positions": (0.1, 0.05)})
+    chosen = choose_default(results, cfg)["simple"]
+    assert chosen["form"] == "diag" and chosen["fit_positions"] == 0.1  # 0.05 is 1 point below exact: over the tolerance
+    assert chosen["variant"] == sweep_name("simple", "diag", 0.1) and chosen["val_auroc"] == pytest.approx(0.897)

@@ -11,20 +11,25 @@ measures, on the CIFAR-10 checkpoints (fine-tuned by default):
   (``fit_positions``). Every form of a detector comes from one fit (``refit`` of the kept
   moments), so they differ in the form alone.
 - **Cost**: scoring overhead ``t(forward + detector) / t(forward) - 1`` at batch 256 and 1
-  (medians of interleaved repeats), on the fine-tuned ResNet-20 with its fitted forms and on a
-  randomly initialized ResNet-18 (four stages), and the fit throughput of the chosen default.
+  (medians of interleaved repeats), on the fine-tuned ResNet-20 and on a randomly initialized
+  ResNet-18 (four stages), each with every form fitted on the timed images (the cost of scoring
+  depends on the shapes of the statistics, not their values), and the fit throughput of the
+  chosen default.
 - **The default** (:func:`choose_default`), from validation data and measured cost only: among
   the forms whose overhead at the largest timed batch (256) is at most ``overhead_budget`` on every timed model,
-  the one of highest validation AUROC; ``fit_positions`` is kept when its validation AUROC is
-  within ``positions_tolerance`` of exact statistics. The test categories only report how far
+  the one of highest validation AUROC. Its form is then fitted again with smaller shares of
+  positions (``sweep_positions``), and the smallest share whose validation AUROC is within
+  ``positions_tolerance`` of exact statistics is kept. The test categories only report how far
   the choice lands from full covariance.
 
 The report (``results.json``, ``results.md``, ``frontier.png``) is rewritten after each stage,
-so a stopped run keeps what it finished (:mod:`covguard.bench.frontier_report`).
+so a stopped run keeps what it finished (:mod:`covguard.bench.frontier_report`); ``resume``
+reuses the quality measurements of a finished report of the same quality settings.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import statistics
 from collections.abc import Callable, Mapping
@@ -37,7 +42,7 @@ from torch import Tensor, nn
 from covguard.attacks import success_mask
 from covguard.bench.cache import TensorCache, tensor_sha256
 from covguard.bench.common import CIFAR_LAYERS, CIFAR_MODELS, fit_on_train, load_cifar_model, predict, split_train
-from covguard.bench.frontier_report import write_report
+from covguard.bench.frontier_report import read_report, write_report
 from covguard.bench.ood import OODConfig, eval_sets
 from covguard.bench.suite_config import SuiteConfig
 from covguard.bench.suite_sets import attack_settings, build_attack, craft
@@ -48,7 +53,7 @@ from covguard.detectors.multi import fit_detectors, score_detectors
 from covguard.features import parameter_sha256
 from covguard.metrics import evaluate
 
-__all__ = ["BASIS", "FORMS", "KINDS", "FrontierConfig", "choose_default", "run_frontier"]
+__all__ = ["BASIS", "FORMS", "KINDS", "QUALITY_FIELDS", "FrontierConfig", "choose_default", "run_frontier", "sweep_name"]
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +71,9 @@ BASIS = {"basis-64/lowrank-16": {"basis_rank": 64, "covariance": "lowrank", "ran
 NEAR, FAR = ("cifar100", "tin"), ("mnist", "mnist_jpeg")
 CATEGORIES = ("val", "near", "far", "adversarial")
 TIMING_LAYERS = {"resnet18_32x32": ("layer1", "layer2", "layer3", "layer4")}
+#: Settings a stored quality measurement must share to be reused (``resume``).
+QUALITY_FIELDS = ("checkpoints", "n_images", "n_id_val", "n_ood_val_classes", "n_holdout", "max_train", "fit_positions",
+                  "attacks", "eps", "steps", "igm_scales", "seed", "batch_size")
 
 
 @dataclass(frozen=True)
@@ -80,7 +88,8 @@ class FrontierConfig:
     n_ood_val_classes: int = 20
     n_holdout: int = 5000
     max_train: int | None = None
-    fit_positions: float = 0.25  # share of patch positions per image of the subsampled fits
+    fit_positions: float = 0.25  # share of patch positions per image of the subsampled fits (every form)
+    sweep_positions: tuple[float, ...] = (0.1, 0.05)  # smaller shares fitted for the default form only
     attacks: tuple[str, ...] = ("fgsm", "bim", "pgd", "igm")
     eps: float = 8 / 255
     steps: int = 10
@@ -106,6 +115,8 @@ class FrontierConfig:
             raise ValueError(f"timing_models must be among {('resnet20', *TIMING_LAYERS)}; got {unknown}")
         if not 0 < self.fit_positions < 1:
             raise ValueError(f"fit_positions must be in (0, 1) (1 is the exact fit, always run); got {self.fit_positions}")
+        if not all(0 < p < 1 for p in self.sweep_positions):
+            raise ValueError(f"sweep_positions must be shares in (0, 1); got {self.sweep_positions}")
         if not self.fit_batches[0] < self.fit_batches[1]:
             raise ValueError(f"fit_batches must be two increasing loader sizes; got {self.fit_batches}")
         for name in ("n_images", "repeats", "max_calls", "batch_size", "steps", "igm_scales"):
@@ -122,8 +133,7 @@ def variant_names() -> list[str]:
 def _variants(model: nn.Module, train, cfg: FrontierConfig) -> dict[str, Detector]:
     """Fit Simple and Class top-1 (exact and subsampled statistics, kept moments) and the basis
     fits in one joint pass; derive every form of :data:`FORMS` from the kept moments."""
-    kernel = {layer: 1 if layer == "avgpool" else 3 for layer in CIFAR_LAYERS}
-    common = {"layers": CIFAR_LAYERS, "kernel_size": kernel}
+    common = {"layers": CIFAR_LAYERS, "kernel_size": _kernels(CIFAR_LAYERS)}
     sub = {"keep_moments": True, "fit_positions": cfg.fit_positions, "random_state": cfg.seed}
     extra = {
         "simple@positions": SimpleMahalanobis(model, **common, **sub),
@@ -223,68 +233,120 @@ def overheads(model: nn.Module, detectors: Mapping[str, Detector], x: Tensor, cf
     return out
 
 
-def _random_variants(model_name: str, cfg: FrontierConfig) -> tuple[nn.Module, dict[str, Detector], Tensor]:
-    """A randomly initialized timing model, its variants (one form each: exact statistics) fitted
-    on random images, and the timed images."""
+def _timing_variants(name: str, root: Path, sets: dict, cfg: FrontierConfig) -> tuple[nn.Module, dict[str, Detector], Tensor]:
+    """A timing model (the checkpoint of a CIFAR model, else random init), every form (exact
+    statistics) fitted on the timed images, and those images (ID test images for a checkpoint)."""
     device = torch.device(cfg.device)
-    model = make_model(model_name, device, channels_last=False)
-    layers = TIMING_LAYERS[model_name]
-    gen = torch.Generator().manual_seed(cfg.seed)
     n = max(*cfg.batch_sizes, 64)  # timed images, also the fit images (the statistics do not change the cost)
-    x = torch.rand(n, 3, 32, 32, generator=gen).to(device)
-    fit = [(x, torch.randint(0, 10, (n,), generator=gen).to(device))]
-    base = {kind: (SimpleMahalanobis if kind == "simple" else ClassMahalanobis)(model, layers=layers, keep_moments=True) for kind in KINDS}
-    basis = {f"class-top1/{form}": ClassMahalanobis(model, layers=layers, **changes) for form, changes in BASIS.items()}
-    fit_detectors([*base.values(), *basis.values()], fit, holdout=[x[:32]], progress=False)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    if name in CIFAR_MODELS:
+        model = load_cifar_model(root, name, cfg.device, checkpoints=cfg.checkpoints)
+        layers, kernel = CIFAR_LAYERS, _kernels(CIFAR_LAYERS)
+        x, y = _images(sets["id"][0][:n]).to(device), sets["id"][1][:n].to(device)
+    else:
+        model = make_model(name, device, channels_last=False)
+        layers, kernel = TIMING_LAYERS[name], 3
+        x, y = torch.rand(n, 3, 32, 32, generator=gen).to(device), torch.randint(0, 10, (n,), generator=gen).to(device)
+    common = {"layers": layers, "kernel_size": kernel}
+    base = {kind: (SimpleMahalanobis if kind == "simple" else ClassMahalanobis)(model, keep_moments=True, **common) for kind in KINDS}
+    basis = {f"class-top1/{form}": ClassMahalanobis(model, **common, **changes) for form, changes in BASIS.items()}
+    fit_detectors([*base.values(), *basis.values()], [(x, y)], holdout=[x[:32]], progress=False)
     out = {f"{kind}/{form}": det.refit(holdout=[x[:32]], **changes) if changes else det
            for kind, det in base.items() for form, changes in FORMS.items()}
     return model, {**out, **basis}, x
 
 
-def choose_default(results: dict, cfg: FrontierConfig) -> dict:
-    """Per kind, the form chosen from validation AUROC and measured cost only (module docstring).
+def _kernels(layers) -> dict[str, int]:
+    return {layer: 1 if layer == "avgpool" else 3 for layer in layers}
 
-    Returns {kind: {"form", "fit_positions", "val_auroc", "overhead_256", "within_budget", "delta_vs_full"}}.
+
+def _categories(results: dict, variant: str, cat: str) -> float:
+    """Mean over the quality models of one category of a variant (of the form table or the sweep)."""
+    return statistics.fmean({**m["quality"]["categories"], **m.get("sweep", {}).get("categories", {})}[variant][cat]
+                            for m in results["models"].values())
+
+
+def sweep_name(kind: str, form: str, share: float) -> str:
+    """Name of a ``sweep_positions`` variant of the default form."""
+    return f"{kind}/{form}@{share:g}"
+
+
+def choose_default(results: dict, cfg: FrontierConfig) -> dict:
+    """Per kind, the form chosen from validation AUROC and measured cost only (module docstring),
+    with the smallest share of positions measured (``fit_positions``, then the sweep, once run)
+    within ``positions_tolerance`` of exact statistics on validation data.
+
+    Returns {kind: {"form", "fit_positions", "variant", "val_auroc", "overhead_256", "within_budget", "delta_vs_full"}}.
     """
-    models = results["models"]
     out = {}
     for kind in KINDS:
         forms = [v.split("/", 1)[1] for v in variant_names() if v.startswith(kind + "/") and "@" not in v]
-
-        def mean_cat(variant: str, cat: str) -> float:
-            return statistics.fmean(m["quality"]["categories"][variant][cat] for m in models.values())
 
         def worst_overhead(form: str) -> float:
             return max(t[f"{kind}/{form}"][str(max(cfg.batch_sizes))] for t in results["timing"].values())
 
         within = [f for f in forms if worst_overhead(f) <= cfg.overhead_budget]
-        pool = within or forms
-        form = max(pool, key=lambda f: (mean_cat(f"{kind}/{f}", "val"), -worst_overhead(f)))
-        positions = f"{kind}/{form}@positions"
-        keep = positions in variant_names() and mean_cat(positions, "val") >= mean_cat(f"{kind}/{form}", "val") - cfg.positions_tolerance
-        chosen = positions if keep else f"{kind}/{form}"
+        form = max(within or forms, key=lambda f: (_categories(results, f"{kind}/{f}", "val"), -worst_overhead(f)))
+        exact = f"{kind}/{form}"
+        shares = {1.0: exact}
+        if f"{exact}@positions" in variant_names():
+            shares[cfg.fit_positions] = f"{exact}@positions"
+        measured = {name for m in results["models"].values() for name in m.get("sweep", {}).get("categories", {})}
+        shares.update({p: sweep_name(kind, form, p) for p in cfg.sweep_positions if sweep_name(kind, form, p) in measured})
+        floor = _categories(results, exact, "val") - cfg.positions_tolerance
+        share = min(p for p, v in shares.items() if p == 1.0 or _categories(results, v, "val") >= floor)
+        chosen = shares[share]
         out[kind] = {
-            "form": form, "fit_positions": cfg.fit_positions if keep else 1.0, "variant": chosen,
-            "val_auroc": mean_cat(chosen, "val"), "overhead_256": worst_overhead(form), "within_budget": bool(within),
-            "delta_vs_full": {cat: mean_cat(chosen, cat) - mean_cat(f"{kind}/full", cat) for cat in CATEGORIES},
+            "form": form, "fit_positions": share, "variant": chosen,
+            "val_auroc": _categories(results, chosen, "val"), "overhead_256": worst_overhead(form), "within_budget": bool(within),
+            "delta_vs_full": {cat: _categories(results, chosen, cat) - _categories(results, f"{kind}/full", cat) for cat in CATEGORIES},
         }
     return out
 
 
-def _fit_builders(model: nn.Module, layers, chosen: dict, positions: float) -> dict[str, Callable[[], Detector]]:
-    kernel = {layer: 1 if layer == "avgpool" else 3 for layer in layers}
+def _constructor(kind: str, form: str) -> tuple[type[Detector], dict]:
+    cls = SimpleMahalanobis if kind == "simple" else ClassMahalanobis
+    return cls, {**({} if kind == "simple" else {"scoring": "top1"}), **FORMS.get(form, {}), **BASIS.get(form, {})}
+
+
+def _sweep(model: nn.Module, train, chosen: dict, cfg: FrontierConfig) -> dict[str, Detector]:
+    """The default form of each kind fitted with every share of ``sweep_positions`` (one joint pass)."""
+    dets = {}
+    for kind, choice in chosen.items():
+        cls, changes = _constructor(kind, choice["form"])
+        for p in cfg.sweep_positions:
+            dets[sweep_name(kind, choice["form"], p)] = cls(model, layers=CIFAR_LAYERS, kernel_size=_kernels(CIFAR_LAYERS),
+                                                             fit_positions=p, random_state=cfg.seed, **changes)
+    fit, hold = split_train(train, n_holdout=cfg.n_holdout, max_train=cfg.max_train, seed=cfg.seed, batch_size=cfg.batch_size)
+    fit_detectors(list(dets.values()), fit, holdout=hold, progress=cfg.progress)
+    return dets
+
+
+def _fit_builders(model: nn.Module, layers, chosen: dict) -> dict[str, Callable[[], Detector]]:
+    """Builders of the default of each kind, with exact statistics and with its share of positions."""
+    kernel = _kernels(layers)
     out = {}
     for kind, choice in chosen.items():
-        cls = SimpleMahalanobis if kind == "simple" else ClassMahalanobis
-        changes = {**FORMS.get(choice["form"], {}), **BASIS.get(choice["form"], {})}
-        for p in sorted({1.0, choice["fit_positions"], positions}):
+        cls, changes = _constructor(kind, choice["form"])
+        for p in sorted({1.0, choice["fit_positions"]}, reverse=True):
             out[f"{kind}/{choice['form']} positions={p:g}"] = (
                 lambda cls=cls, changes=changes, p=p: cls(model, layers=layers, kernel_size=kernel, fit_positions=p, **changes))
     return out
 
 
-def run_frontier(root: str | Path, out: str | Path, config: FrontierConfig = FrontierConfig()) -> dict:
-    """Measure quality and cost of every variant, choose the default, write the report; returns ``results.json``'s content."""
+def _stored_quality(out: Path, config: FrontierConfig) -> dict:
+    """{model: stored measurements} of a finished report in ``out`` with the same quality settings."""
+    stored = read_report(out)
+    same = json.loads(json.dumps(asdict(config)))
+    if stored is None or any(stored["config"].get(f) != same[f] for f in QUALITY_FIELDS):
+        return {}
+    return {name: m for name, m in stored["models"].items() if "quality" in m}
+
+
+def run_frontier(root: str | Path, out: str | Path, config: FrontierConfig = FrontierConfig(), *, resume: bool = False) -> dict:
+    """Measure quality and cost of every variant, choose the default, write the report; returns
+    ``results.json``'s content. ``resume``: reuse the quality (and sweep) measurements of the report
+    in ``out`` when its quality settings (:data:`QUALITY_FIELDS`) are those of ``config``."""
     config.check()
     root, out = Path(root), Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -293,28 +355,34 @@ def run_frontier(root: str | Path, out: str | Path, config: FrontierConfig = Fro
                         n_ood_val_classes=config.n_ood_val_classes, progress=config.progress)
     sets = eval_sets(root, ood_cfg)
     train = load_set("cifar10_train", root, progress=config.progress)
+    stored = _stored_quality(out, config) if resume else {}
     results: dict = {"config": asdict(config), "variants": variant_names(), "models": {}, "timing": {}, "fit": {}}
-    fitted = {}
-    for name in config.models:
-        model = load_cifar_model(root, name, config.device, checkpoints=config.checkpoints)
-        fitted[name] = (model, _variants(model, train, config))
-        results["models"][name] = {"quality": quality(name, model, fitted[name][1], sets, config, cache)}
+    models = {name: load_cifar_model(root, name, config.device, checkpoints=config.checkpoints) for name in config.models}
+    for name, model in models.items():
+        if name in stored:
+            logger.info("%s: quality reused from %s", name, out / "results.json")
+            results["models"][name] = {"quality": stored[name]["quality"]}
+        else:
+            results["models"][name] = {"quality": quality(name, model, _variants(model, train, config), sets, config, cache)}
         write_report(results, out)
     for name in config.timing_models:
-        if name in fitted:
-            model, dets = fitted[name]
-            x = _images(sets["id"][0][:256])
-            dets = {v: d for v, d in dets.items() if "@" not in v}  # subsampled statistics cost the same to score
-        else:
-            model, dets, x = _random_variants(name, config)
+        model, dets, x = _timing_variants(name, root, sets, config)
         results["timing"][name] = overheads(model, dets, x, config)
         write_report(results, out)
     results["default"] = choose_default(results, config)
+    for name, model in models.items():
+        wanted = {sweep_name(kind, d["form"], p) for kind, d in results["default"].items() for p in config.sweep_positions}
+        if wanted <= set(stored.get(name, {}).get("sweep", {}).get("categories", {})):
+            results["models"][name]["sweep"] = stored[name]["sweep"]
+        else:
+            results["models"][name]["sweep"] = quality(name, model, _sweep(model, train, results["default"], config), sets, config, cache)
+        write_report(results, out)
+    results["default"] = choose_default(results, config)
     for name in config.timing_models:
-        model = fitted[name][0] if name in fitted else make_model(name, torch.device(config.device), channels_last=False)
-        layers = CIFAR_LAYERS if name in fitted else TIMING_LAYERS[name]
+        model = models[name] if name in models else make_model(name, torch.device(config.device), channels_last=False)
+        layers = CIFAR_LAYERS if name in models else TIMING_LAYERS[name]
         rows = time_fit(name, model, config.batch_size, config.fit_batches, config.repeats, torch.device(config.device), False,
-                        builders=_fit_builders(model, layers, results["default"], config.fit_positions))
+                        builders=_fit_builders(model, layers, results["default"]))
         results["fit"][name] = [asdict(r) for r in rows]
         write_report(results, out)
     return results

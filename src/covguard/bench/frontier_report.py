@@ -7,6 +7,7 @@ every stage of a run: sections whose measurements are not there yet are left out
 
 from __future__ import annotations
 
+import json
 import statistics
 from collections.abc import Mapping
 from pathlib import Path
@@ -15,13 +16,14 @@ from covguard.bench.common import weights_description
 from covguard.html_report import add_html_report
 from covguard.report import markdown_table, new_figure, write_json
 
-__all__ = ["render_markdown", "write_report"]
+__all__ = ["read_report", "render_markdown", "write_report"]
 
 CATEGORY_TITLES = {"val": "validation (ID-val vs OOD-val)", "near": "near OOD", "far": "far OOD", "adversarial": "attacks (mean)"}
 
 
 def _mean_category(results: Mapping, variant: str, cat: str) -> float:
-    return statistics.fmean(m["quality"]["categories"][variant][cat] for m in results["models"].values())
+    return statistics.fmean({**m["quality"]["categories"], **m.get("sweep", {}).get("categories", {})}[variant][cat]
+                            for m in results["models"].values())
 
 
 def _pct(value: float | None, digits: int = 1) -> str:
@@ -57,6 +59,20 @@ def _positions_rows(results: Mapping) -> list[dict]:
     return rows
 
 
+def _sweep_rows(results: Mapping) -> list[dict]:
+    """Every measured share of positions of the default forms (exact, fit_positions, the sweep)."""
+    cfg, rows = results["config"], []
+    for kind, d in results["default"].items():
+        exact = f"{kind}/{d['form']}"
+        shares = {1.0: exact, cfg["fit_positions"]: f"{exact}@positions",
+                  **{p: f"{exact}@{p:g}" for p in cfg.get("sweep_positions", ())}}
+        for p, variant in sorted(shares.items(), reverse=True):
+            if all(variant in {**m["quality"]["categories"], **m.get("sweep", {}).get("categories", {})} for m in results["models"].values()):
+                rows.append({"detector/form": exact, "fit_positions": f"{p:g}",
+                             **{cat: _pct(_mean_category(results, variant, cat)) for cat in CATEGORY_TITLES}})
+    return rows
+
+
 def _default_lines(results: Mapping) -> list[str]:
     cfg = results["config"]
     rows = [{
@@ -67,11 +83,13 @@ def _default_lines(results: Mapping) -> list[str]:
     return [
         "## The default, chosen on validation data and measured cost", "",
         f"Rule (fixed before the run): among the forms whose overhead at batch 256 is at most "
-        f"{100 * cfg['overhead_budget']:.0f} % on every timed model, the highest validation AUROC; "
-        f"`fit_positions={cfg['fit_positions']:g}` kept when its validation AUROC is within "
-        f"{100 * cfg['positions_tolerance']:.1f} points of exact statistics. The deltas against full covariance on the "
-        "test categories (AUROC points) are read after the choice; they chose nothing.", "",
+        f"{100 * cfg['overhead_budget']:.0f} % on every timed model, the highest validation AUROC; then the smallest "
+        f"share of patch positions per fit image whose validation AUROC is within {100 * cfg['positions_tolerance']:.1f} "
+        "points of exact statistics. The deltas against full covariance on the test categories (AUROC points) are read "
+        "after the choice; they chose nothing.", "",
         markdown_table(rows, list(rows[0])), "",
+        "Shares of positions of the default forms (AUROC %):", "",
+        markdown_table(_sweep_rows(results), ["detector/form", "fit_positions", *CATEGORY_TITLES]), "",
     ]
 
 
@@ -98,8 +116,8 @@ def render_markdown(results: Mapping) -> str:
         "held out of every test set. near = mean of CIFAR-100 and Tiny ImageNet, far = mean of MNIST and MNIST-JPEG, attacks = mean "
         f"of {', '.join(cfg['attacks'])} at {cfg['eps'] * 255:g}/255 on the correctly classified test images. "
         "Every form of a detector is derived from one fit (kept moments). Overhead = t(forward + detector) / t(forward) - 1 "
-        f"in %, medians of {cfg['repeats']} interleaved repeats; resnet20: the fitted checkpoint, four taps (layer1-3 3x3, "
-        "avgpool 1x1); resnet18_32x32: random init, layer1-4.", "",
+        f"in %, medians of {cfg['repeats']} interleaved repeats, every form fitted on the timed images; resnet20: the "
+        "checkpoint, four taps (layer1-3 3x3, avgpool 1x1); resnet18_32x32: random init, layer1-4.", "",
     ]
     if results["models"]:
         lines += ["## AUROC (%) and scoring overhead (%)", "", markdown_table(_quality_rows(results), list(_quality_rows(results)[0])), "",
@@ -133,6 +151,12 @@ def plot_frontier(results: Mapping, path: Path) -> None:
         ax.set_xlabel("overhead at batch 256 (%)", fontsize=8)
     axes[0].set_ylabel("AUROC (%)  o simple, [] class top-1", fontsize=8)
     fig.savefig(path, format="png", dpi=120)
+
+
+def read_report(out: Path) -> dict | None:
+    """The ``results.json`` of a report folder, or None when there is none."""
+    path = out / "results.json"
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def write_report(results: Mapping, out: Path) -> None:
