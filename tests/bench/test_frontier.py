@@ -66,7 +66,7 @@ def test_every_variant_is_scored_and_timed(run):
         assert set(swept) == {"val", "cifar100", "tin", "mnist", "mnist_jpeg", *scored}
         assert d["fit_positions"] in (1.0, cfg.fit_positions, 0.1)
     on_disk = json.loads((out / "results.json").read_text())
-    assert on_disk["default"] == again["default"]  # the resumed run rewrote the report
+    assert on_disk["default"] == results["default"]
     text = (out / "results.md").read_text()
     assert "## The default" in text and "## Fit throughput" in text and "Shares of positions" in text and (out / "frontier.png").stat().st_size > 0
 
@@ -80,14 +80,16 @@ def _fake(val: dict[str, float], overhead: dict[str, float], positions_val: dict
     for form in BASIS:
         cats[f"class-top1/{form}"] = {c: val.get(form, 0.0) for c in ("val", "near", "far", "adversarial")}
     timing = {name: {str(max(CONFIG.batch_sizes)): overhead.get(name.split("/", 1)[1], 1.0)} for name in cats if "@" not in name}
-    return {"models": {"m": {"quality": {"categories": cats}}}, "timing": {"t": timing}}
+    slow = {name: {str(max(CONFIG.batch_sizes)): 5.0} for name in timing}  # a timed model outside budget_models
+    return {"models": {"m": {"quality": {"categories": cats}}}, "timing": {"resnet18_32x32": timing, "resnet20": slow}}
 
 
 def test_default_is_the_best_validation_auroc_within_the_budget():
     val = {"full": 0.9, "full-oas": 0.91, "diag": 0.80, "lowrank-8": 0.82, "lowrank-16": 0.85, "lowrank-32": 0.88, "lowrank-64": 0.89}
     overhead = {"full": 1.0, "full-oas": 1.0, "diag": 0.03, "lowrank-8": 0.02, "lowrank-16": 0.04, "lowrank-32": 0.08, "lowrank-64": 0.12}
     chosen = choose_default(_fake(val, overhead, {"lowrank-32": 0.877}), CONFIG)
-    assert chosen["simple"]["form"] == "lowrank-32"  # lowrank-64 is better but over 10 %
+    assert chosen["simple"]["form"] == "lowrank-32"  # lowrank-64 is better but over 10 %; resnet20 does not bound
+    assert chosen["simple"]["overhead_256"] == pytest.approx(0.08)
     assert chosen["simple"]["fit_positions"] == CONFIG.fit_positions  # 0.877 >= 0.88 - 0.005
     assert chosen["simple"]["delta_vs_full"]["val"] == pytest.approx(0.877 - 0.9)
     strict = choose_default(_fake(val, overhead, {"lowrank-32": 0.87}), CONFIG)
@@ -109,12 +111,14 @@ def test_config_refuses_bad_settings():
         FrontierConfig(**{**CONFIG.__dict__, "sweep_positions": (0.5, 1.0)}).check()
 
 
-def test_resume_reuses_quality_and_sweep_of_the_same_settings_and_times_again(run):
+def test_resume_reuses_the_measurements_of_the_same_settings(run):
     results, out, cfg, again = run
-    assert again["models"] == results["models"]
-    assert set(again["timing"]) == set(results["timing"]) and again["default"]["simple"]["form"] in FORMS
+    assert again["models"] == results["models"] and again["default"] == results["default"]
     other = FrontierConfig(**{**cfg.__dict__, "n_images": cfg.n_images + 1})
-    assert frontier._stored_quality(out, other) == {}  # other quality settings: measured again
+    assert again["timing"] == results["timing"]  # same timing settings: reused
+    assert frontier._stored(out, other) == ({}, {})  # other quality settings: measured again
+    slower = FrontierConfig(**{**cfg.__dict__, "repeats": 3})
+    assert frontier._stored(out, slower)[1] == {} and frontier._stored(out, slower)[0]  # timed again, quality kept
 
 
 def test_default_takes_the_smallest_share_of_positions_within_tolerance_on_validation():
