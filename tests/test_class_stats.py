@@ -137,7 +137,7 @@ def test_empty_class_is_reported_and_can_take_pooled_statistics():
     assert torch.isfinite(form.distance_sq(torch.from_numpy(x))).all()
 
 
-# ---- ClassMahalanobis(basis_rank=...) --------------------------------------------------------
+# ---- ClassMahalanobis(basis_rank=..., fit_positions=1.0) --------------------------------------------------------
 
 
 def _loader(x, y, batch_size):
@@ -151,10 +151,10 @@ def test_full_basis_equals_exact_lowrank_class_detector(tiny_model, images):
 
     x, y = images
     fit, hold = _loader(x[:200], y[:200], 50), [x[200:]]
-    exact = cg.ClassMahalanobis(tiny_model, layers=["block1", "block2"], covariance="lowrank", rank=6).fit(fit, holdout=hold, progress=False)
+    exact = cg.ClassMahalanobis(tiny_model, layers=["block1", "block2"], covariance="lowrank", rank=6, fit_positions=1.0).fit(fit, holdout=hold, progress=False)
     dims = {layer: form.mean.shape[1] for layer, form in exact.forms_.items()}
     reduced = cg.ClassMahalanobis(
-        tiny_model, layers=["block1", "block2"], covariance="lowrank", rank=6, basis_rank=max(dims.values())
+        tiny_model, layers=["block1", "block2"], covariance="lowrank", rank=6, basis_rank=max(dims.values()), fit_positions=1.0
     ).fit(fit, holdout=hold, progress=False)
     test, _ = make_images(12, seed=5)
     torch.testing.assert_close(reduced.score(test), exact.score(test), rtol=1e-3, atol=1e-3)
@@ -166,10 +166,10 @@ def test_small_basis_scores_close_and_fit_detectors_matches_fit(tiny_model, imag
 
     x, y = images
     fit, hold = _loader(x[:200], y[:200], 50), [x[200:]]
-    kwargs = {"layers": ["block2"], "covariance": "lowrank", "rank": 4, "basis_rank": 16}
+    kwargs = {"layers": ["block2"], "covariance": "lowrank", "rank": 4, "basis_rank": 16, "fit_positions": 1.0}
     alone = cg.ClassMahalanobis(tiny_model, **kwargs).fit(fit, holdout=hold, progress=False)
     together = cg.ClassMahalanobis(tiny_model, **kwargs)
-    simple = cg.SimpleMahalanobis(tiny_model, layers=["block2"])
+    simple = cg.SimpleMahalanobis(tiny_model, layers=["block2"], covariance="full", fit_positions=1.0)
     fit_detectors([simple, together], fit, holdout=hold, progress=False)
     torch.testing.assert_close(together.score(x[:10]), alone.score(x[:10]))
     loaded = cg.load(cg.save(alone, tmp_path / "reduced.safetensors"), tiny_model)
@@ -197,6 +197,6 @@ def test_basis_rank_needs_a_reiterable_loader(tiny_model, images):
     import covguard as cg
 
     x, y = images
-    det = cg.ClassMahalanobis(tiny_model, layers=["block2"], covariance="lowrank", rank=4, basis_rank=8)
+    det = cg.ClassMahalanobis(tiny_model, layers=["block2"], covariance="lowrank", rank=4, basis_rank=8, fit_positions=1.0)
     with pytest.raises(TypeError, match="re-iterable"):
         det.fit(iter(_loader(x, y, 60)), progress=False)

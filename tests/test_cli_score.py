@@ -37,7 +37,7 @@ def setup(tmp_path_factory):
     torch.manual_seed(0)
     model = MODELS["small_cnn"](width=4, num_classes=3).eval()
     save_file(model.state_dict(), str(root / "weights.safetensors"))
-    det = cg.SimpleMahalanobis(model, layers=["block2", "block3"]).fit([blobs(200, 1)], progress=False)
+    det = cg.SimpleMahalanobis(model, layers=["block2", "block3"], covariance="full", fit_positions=1.0).fit([blobs(200, 1)], progress=False)
     guard = cg.Guard(model, det).calibrate([blobs(1000, 2)], tpr=0.9, progress=False)
     guard.save(root / "guard.safetensors")
     cg.save(det, root / "plain.safetensors")

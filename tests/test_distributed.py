@@ -61,9 +61,9 @@ def one_thread():
 
 def build(model, kind):
     if kind == "simple":
-        return cg.SimpleMahalanobis(model, layers=["block1", "block2"], covariance="full")
+        return cg.SimpleMahalanobis(model, layers=["block1", "block2"], covariance="full", fit_positions=1.0)
     return cg.ClassMahalanobis(
-        model, layers=["block1", "block2"], covariance="lowrank", rank=6, scoring="mixture", top_m=2
+        model, layers=["block1", "block2"], covariance="lowrank", rank=6, scoring="mixture", top_m=2, fit_positions=1.0
     )
 
 

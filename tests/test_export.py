@@ -56,7 +56,7 @@ def test_guarded_model_equals_the_guard_in_torch(tiny_model, images, one_thread,
 
 def test_single_layer_score_is_the_raw_distance(tiny_model, images, one_thread):
     x, _ = images
-    det = cg.SimpleMahalanobis(tiny_model, layers=["block2"]).fit([x[:160]], progress=False)
+    det = cg.SimpleMahalanobis(tiny_model, layers=["block2"], covariance="full", fit_positions=1.0).fit([x[:160]], progress=False)
     guarded = GuardedModel(det, threshold=1.0)
     maps = det.distance_maps(x[:4])["block2"]  # (4, H', W')
     torch.testing.assert_close(guarded(x[:4])[1], maps.mean((1, 2)), rtol=1e-5, atol=1e-6)

@@ -76,8 +76,10 @@ def test_fit_writes_a_calibrated_guard_from_held_out_images_only(setup, tmp_path
     fit_idx, cal_idx = split_calibration(len(data), 0.2, seed=0)
     assert len(set(fit_idx.tolist()) | set(cal_idx.tolist())) == 90 and not set(fit_idx.tolist()) & set(cal_idx.tolist())
     assert guard.detector.fusion == "gaussian"  # the deploy default: two-sided
+    assert (guard.detector.covariance, guard.detector.rank, guard.detector.fit_positions) == ("lowrank", 32, 0.05)  # the library's
     ref = cg.ClassMahalanobis(model, layers=["block1", "block2", "block3"], fusion="gaussian")
-    ref.fit([(data.float(fit_idx), data.labels[fit_idx])], holdout=[data.float(cal_idx)], progress=False)
+    batches = [fit_idx[i : i + FitConfig().batch_size] for i in range(0, len(fit_idx), FitConfig().batch_size)]  # the CLI's: same draws
+    ref.fit([(data.float(b), data.labels[b]) for b in batches], holdout=[data.float(cal_idx)], progress=False)
     for layer in ref.layers:
         torch.testing.assert_close(guard.detector.forms_[layer].mean, ref.forms_[layer].mean)
     layer_scores = ref.layer_scores(data.float(cal_idx))  # (N, L) float64

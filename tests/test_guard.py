@@ -19,7 +19,7 @@ def batches(x, size=500):
 @pytest.fixture(scope="module")
 def detector(tiny_model, images):
     x, _ = images
-    return cg.SimpleMahalanobis(tiny_model, layers=["block1", "block2"]).fit(batches(x, 80), progress=False)
+    return cg.SimpleMahalanobis(tiny_model, layers=["block1", "block2"], covariance="full", fit_positions=1.0).fit(batches(x, 80), progress=False)
 
 
 def test_calibrated_tpr_holds_on_a_separate_split(tiny_model, detector):
@@ -113,7 +113,7 @@ def test_guard_errors(tiny_model, detector, images, tmp_path):
     with pytest.raises(ValueError, match="same model object"):
         cg.Guard(TinyCNN(), detector)
     with pytest.raises(cg.NotFittedError):
-        cg.Guard(tiny_model, cg.SimpleMahalanobis(tiny_model, layers=["block1"])).calibrate([x])
+        cg.Guard(tiny_model, cg.SimpleMahalanobis(tiny_model, layers=["block1"], covariance="full", fit_positions=1.0)).calibrate([x])
     bad = x[:20].clone()
     bad[4] = float("inf")
     with (

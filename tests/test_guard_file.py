@@ -28,7 +28,7 @@ FUZZ = settings(max_examples=150, deadline=None, derandomize=True, database=None
 @pytest.fixture(scope="module")
 def saved(tiny_model, tmp_path_factory):
     x, _ = make_images(240, seed=1)
-    det = cg.SimpleMahalanobis(tiny_model, layers=["block1", "block2"], covariance="lowrank", rank=6)
+    det = cg.SimpleMahalanobis(tiny_model, layers=["block1", "block2"], covariance="lowrank", rank=6, fit_positions=1.0)
     det.fit([x[:120], x[120:]], progress=False)
     guard = cg.Guard(tiny_model, det)
     guard.calibration_ = cg.guard.Calibration(threshold=1.5, tpr=0.95, n=100, achieved_tpr=0.95)

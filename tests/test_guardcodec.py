@@ -45,7 +45,7 @@ def baselines(tiny_model, data):
 
 
 def fused_members(model, **changes):
-    members = {"simple": cg.SimpleMahalanobis(model, layers=["block1", "block2"]), "mds": MDS(model), "rmds": RMDS(model),
+    members = {"simple": cg.SimpleMahalanobis(model, layers=["block1", "block2"], covariance="full", fit_positions=1.0), "mds": MDS(model), "rmds": RMDS(model),
                "knn": KNN(model, k=5), "vim": ViM(model, dim=3), "react": ReAct(model), "msp": MSP(model), "energy": Energy(model)}  # fmt: skip
     return {**members, **changes}
 
@@ -144,6 +144,7 @@ def test_format_2_file_of_the_previous_writer_loads_and_saves_to_the_same_bytes(
         warnings.simplefilter("ignore", RuntimeWarning)
         guard = cg.load_guard(V2_FILE, model, strict_model=False)
     assert isinstance(guard.detector, cg.ClassMahalanobis) and guard.calibration_.tpr == 0.9
+    assert guard.detector.fit_positions == 1.0 != cg.ClassMahalanobis(model, layers=["block1"]).fit_positions  # file value, not default
     assert guard.save(tmp_path / "again.safetensors").read_bytes() == V2_FILE.read_bytes()
     assert torch.isfinite(guard(make_images(8, seed=2)[0]).scores).all()
 
@@ -351,7 +352,7 @@ def test_calibration_is_checked_for_fused_guards_too(tiny_model, fused_guard, tm
 )
 def test_detector_variants_round_trip_bit_identically(tiny_model, images, tmp_path, options):
     x, y = images
-    det = cg.ClassMahalanobis(tiny_model, layers=["block1", "block2"], **options)
+    det = cg.ClassMahalanobis(tiny_model, layers=["block1", "block2"], **{"covariance": "full", "fit_positions": 1.0, **options})
     det.fit([(x[:160], y[:160])], holdout=[x[160:]], progress=False)
     loaded = cg.load(cg.save(det, tmp_path / "variant.safetensors"), tiny_model)
     assert loaded.get_params() == det.get_params()
@@ -360,6 +361,6 @@ def test_detector_variants_round_trip_bit_identically(tiny_model, images, tmp_pa
 
 def test_default_options_are_not_written(tiny_model, images, tmp_path):
     x, y = images
-    det = cg.SimpleMahalanobis(tiny_model, layers=["block1"]).fit([x[:160]], progress=False)
+    det = cg.SimpleMahalanobis(tiny_model, layers=["block1"], covariance="full", fit_positions=1.0).fit([x[:160]], progress=False)
     params = json.loads(read_metadata(cg.save(det, tmp_path / "d.safetensors"))["hyperparameters"])
     assert not {"top_fraction", "normalize", "fusion", "relative", "keep_moments"} & set(params)

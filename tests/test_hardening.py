@@ -45,7 +45,7 @@ def smooth_maps(n: int, seed: int, channels: int = 2, size: int = 6) -> torch.Te
 
 
 def simple(model=None, **kwargs):
-    return cg.SimpleMahalanobis(model or FeatNet().eval(), layers=["feat"], **kwargs)
+    return cg.SimpleMahalanobis(model or FeatNet().eval(), layers=["feat"], **{"covariance": "full", "fit_positions": 1.0, **kwargs})
 
 
 # ---- merging statistics ------------------------------------------------------------------------
@@ -119,7 +119,7 @@ def test_nonfinite_input_scores_inf_is_flagged_and_warned(fitted, data, value):
 def test_every_aggregate_flags_nonfinite_and_recomputes_overflows(aggregate, relative):
     """Scores check all layers' maps at once; a NaN or an overflow sends them to the per-map checks."""
     model, train = FeatNet().eval(), smooth_maps(40, seed=12)
-    kwargs = {"layers": ["feat"], "aggregate": aggregate, "covariance": "diag"}
+    kwargs = {"layers": ["feat"], "aggregate": aggregate, "covariance": "diag", "fit_positions": 1.0}
     if relative:
         det = cg.ClassMahalanobis(model, relative=True, class_weights="probs", **kwargs).fit([train], progress=False)
     else:
@@ -196,14 +196,14 @@ def test_class_with_one_patch_uses_the_pooled_covariance():
     y = torch.tensor([0] * 6 + [1] * 5 + [2])  # class 2 has a single patch
     model = FeatNet().eval()
     with pytest.warns(RuntimeWarning, match=r"groups \[2\] have zero variance at layer 'feat'"):
-        det = cg.ClassMahalanobis(model, layers=["feat"]).fit([(x, y)], progress=False)
+        det = cg.ClassMahalanobis(model, layers=["feat"], covariance="full", fit_positions=1.0).fit([(x, y)], progress=False)
     assert torch.isfinite(det.score(smooth_maps(20, seed=7, size=3))).all()
 
 
 def test_empty_class_gives_finite_scores():
     x, model = smooth_maps(20, seed=8), FeatNet().eval()
     with pytest.warns(RuntimeWarning, match=r"classes \[1\] have no fit samples"):
-        det = cg.ClassMahalanobis(model, layers=["feat"], scoring="mixture", top_m=3).fit(
+        det = cg.ClassMahalanobis(model, layers=["feat"], scoring="mixture", top_m=3, covariance="full", fit_positions=1.0).fit(
             [(x, torch.arange(20) % 2 * 2)], progress=False
         )
     assert torch.isfinite(det.score(smooth_maps(10, seed=9))).all()
@@ -234,7 +234,7 @@ def test_scores_are_scale_invariant_from_1e_minus_30_to_1e30(exponent, covarianc
 def test_huge_inputs_score_finite_and_flagged_never_nan(exponent, sign):
     model = FeatNet().eval()
     train = smooth_maps(30, seed=12)
-    det = cg.SimpleMahalanobis(model, layers=["feat"]).fit([train], progress=False)
+    det = cg.SimpleMahalanobis(model, layers=["feat"], covariance="full", fit_positions=1.0).fit([train], progress=False)
     guard = cg.Guard(model, det).calibrate([smooth_maps(200, seed=13)], tpr=0.9, progress=False)
     x = smooth_maps(3, seed=14)
     x[1] = sign * 3.0 * 10.0**exponent

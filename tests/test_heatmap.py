@@ -76,7 +76,7 @@ def test_top_patch_hits_and_chance():
 @pytest.fixture(scope="module")
 def detector(tiny_model):
     x, y = make_images(200, seed=3)
-    return cg.ClassMahalanobis(tiny_model, layers=["block1", "block2"]).fit([(x[:100], y[:100]), (x[100:], y[100:])], progress=False)
+    return cg.ClassMahalanobis(tiny_model, layers=["block1", "block2"], covariance="full", fit_positions=1.0).fit([(x[:100], y[:100]), (x[100:], y[100:])], progress=False)
 
 
 def test_a_bright_square_is_found_by_the_top_patch(detector):
@@ -147,7 +147,7 @@ def cli_setup(tmp_path_factory):
     save_file(model.state_dict(), str(root / "weights.safetensors"))
     gen = torch.Generator().manual_seed(0)
     x = torch.rand(120, 1, 16, 16, generator=gen) * 0.3
-    cg.save(cg.SimpleMahalanobis(model, layers=["block1", "block2"]).fit([x], progress=False), root / "det.safetensors")
+    cg.save(cg.SimpleMahalanobis(model, layers=["block1", "block2"], covariance="full", fit_positions=1.0).fit([x], progress=False), root / "det.safetensors")
     folder = root / "images"
     folder.mkdir()
     for i in range(3):

@@ -23,7 +23,7 @@ def loader(x, y, batch=80):
 
 def fit(model, seed=1, **kwargs):
     x, y = make_images(240, seed=seed)
-    params = {"layers": ["block1", "block2"], "covariance": "lowrank", "rank": 6, **kwargs}
+    params = {"layers": ["block1", "block2"], "covariance": "lowrank", "rank": 6, "fit_positions": 1.0, **kwargs}
     return cg.ClassMahalanobis(model, **params).fit(loader(x, y), progress=False)
 
 

@@ -327,6 +327,8 @@ def _add_fit(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layers", nargs="+", default=None, help="modules to tap (default: the model's feature_layers)")
     parser.add_argument("--covariance", choices=COVARIANCE_FORMS, default=d.covariance)
     parser.add_argument("--rank", type=int, default=d.rank, help="eigenpairs kept by --covariance lowrank")
+    parser.add_argument("--fit-positions", type=float, default=d.fit_positions,
+                        help="share of each fit image's patch positions accumulated (1: exact statistics, for small data)")
     parser.add_argument("--fusion", choices=FUSIONS, default=d.fusion,
                         help="layer fusion: gaussian (default; two-sided, also flags too-typical inputs such as blank frames), sum, max")
     parser.add_argument("--calibration-fraction", type=float, default=d.calibration_fraction,

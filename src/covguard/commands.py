@@ -261,7 +261,7 @@ def fit(args: argparse.Namespace) -> int:
     out = _new_output(args.out, args.force)
     config = FitConfig(
         detector=args.detector, layers=None if args.layers is None else tuple(args.layers), covariance=args.covariance,
-        rank=args.rank, fusion=args.fusion, calibration_fraction=args.calibration_fraction, tpr=args.tpr, batch_size=args.batch_size,
+        rank=args.rank, fit_positions=args.fit_positions, fusion=args.fusion, calibration_fraction=args.calibration_fraction, tpr=args.tpr, batch_size=args.batch_size,
         seed=args.seed, progress=not args.no_progress,
     )
     model = _classifier(args)

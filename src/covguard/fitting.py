@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from covguard.detectors import ClassMahalanobis, SimpleMahalanobis
 from covguard.data.training_images import TrainingImages
 from covguard.detectors.layer_fusion import FUSIONS
+from covguard.detectors.patch import DEFAULT_FORM
 from covguard.features import FeatureTap, eval_mode, model_device, model_dtype
 from covguard.guard import Guard
 
@@ -153,8 +154,9 @@ class FitConfig:
 
     detector: str = "class"  # "class" (labels, class-conditional) or "simple" (one Gaussian per layer)
     layers: tuple[str, ...] | None = None  # None: the model's feature_layers with maps of >= 3x3
-    covariance: str = "full"  # "full", "diag" or "lowrank"
-    rank: int = 64  # eigenpairs kept by "lowrank"
+    covariance: str = DEFAULT_FORM["covariance"]  # "full", "diag" or "lowrank"
+    rank: int = DEFAULT_FORM["rank"]  # eigenpairs kept by "lowrank"
+    fit_positions: float = DEFAULT_FORM["fit_positions"]  # share of each fit image's patch positions accumulated
     # layer fusion: "gaussian" is two-sided, so a deployed guard also flags inputs too typical in some
     # layers, such as blank frames, which the sum of z-scores passes (results/suite)
     fusion: str = "gaussian"
@@ -175,6 +177,8 @@ class FitConfig:
             raise ValueError(f"--batch-size must be >= 1; got {self.batch_size}")
         if self.rank < 1:
             raise ValueError(f"--rank must be >= 1; got {self.rank}")
+        if not 0.0 < self.fit_positions <= 1.0:
+            raise ValueError(f"--fit-positions must be in (0, 1]; got {self.fit_positions}")
         if self.fusion not in FUSIONS:
             raise ValueError(f"--fusion must be one of {FUSIONS}; got {self.fusion!r}")
 
@@ -243,7 +247,7 @@ def fit_guard(model: nn.Module, data: TrainingImages, config: FitConfig) -> tupl
     fit_batches = _Batches(data, fit_index, config.batch_size, dtype, with_labels=labeled)
     cal_batches = _Batches(data, cal_index, config.batch_size, dtype, with_labels=False)
     detector = DETECTOR_KINDS[config.detector](
-        model, layers=layers, covariance=config.covariance, rank=config.rank, fusion=config.fusion
+        model, layers=layers, covariance=config.covariance, rank=config.rank, fit_positions=config.fit_positions, fusion=config.fusion
     )
     detector.fit(fit_batches, holdout=cal_batches, progress=config.progress)
     guard = Guard(model, detector).calibrate(cal_batches, tpr=config.tpr, progress=config.progress)

@@ -41,7 +41,7 @@ def sweep(rgb_model):
     train = ImageSet(images=as_uint8(x), labels=y, classes=("a", "b", "c"), name="blobs")
     cfg = OODConfig(n_holdout=80, n_criterion=40, batch_size=64, progress=False)
     fit, hold = split_train(train, n_holdout=cfg.n_holdout, max_train=None, seed=cfg.seed, batch_size=cfg.batch_size)
-    common = {"layers": ["block1", "block2"], "keep_moments": True}
+    common = {"layers": ["block1", "block2"], "keep_moments": True, "covariance": "full", "fit_positions": 1.0}
     detectors = {"simple_mahalanobis": cg.SimpleMahalanobis(rgb_model, **common), HEADLINE: cg.ClassMahalanobis(rgb_model, **common)}
     fit_detectors(list(detectors.values()), fit, holdout=hold, progress=False)
     x_id = as_uint8(rgb_images(60, seed=2)[0]).float() / 255

@@ -19,9 +19,9 @@ def _captured(model, layers, x, y, batch=64):
 @pytest.mark.parametrize(
     "make",
     [
-        lambda m: cg.SimpleMahalanobis(m, layers=["block1"]),
-        lambda m: cg.ClassMahalanobis(m, layers=["block2"], covariance="diag"),
-        lambda m: cg.ClassMahalanobis(m, layers=["block2"], covariance="lowrank", rank=4, basis_rank=8),
+        lambda m: cg.SimpleMahalanobis(m, layers=["block1"], covariance="full", fit_positions=1.0),
+        lambda m: cg.ClassMahalanobis(m, layers=["block2"], covariance="diag", fit_positions=1.0),
+        lambda m: cg.ClassMahalanobis(m, layers=["block2"], covariance="lowrank", rank=4, basis_rank=8, fit_positions=1.0),
         lambda m: BASELINES["vim"](m),
         lambda m: BASELINES["knn"](m),
         lambda m: BASELINES["mds"](m),
@@ -45,12 +45,12 @@ def test_features_level_fit_equals_fit(tiny_model, images, make):
 
 def test_finish_fit_without_data_is_refused(tiny_model):
     with pytest.raises(ValueError, match="finish_fit needs partial_fit calls first"):
-        cg.SimpleMahalanobis(tiny_model, layers=["block1"]).finish_fit()
+        cg.SimpleMahalanobis(tiny_model, layers=["block1"], covariance="full", fit_positions=1.0).finish_fit()
 
 
 def test_parameters_are_stored_as_given_and_clone_changes_them(tiny_model, images):
     x, y = images
-    det = cg.ClassMahalanobis(tiny_model, layers=["block1", "block2"], kernel_size={"block1": 3, "block2": 1}, rank=8)
+    det = cg.ClassMahalanobis(tiny_model, layers=["block1", "block2"], kernel_size={"block1": 3, "block2": 1}, rank=8, covariance="full", fit_positions=1.0)
     params = det.get_params()
     assert params["kernel_size"] == {"block1": 3, "block2": 1} and params["layers"] == ("block1", "block2")
     assert params["rank"] == 8 and params["scoring"] == "top1" and "model" not in params
@@ -66,7 +66,7 @@ def test_parameters_are_stored_as_given_and_clone_changes_them(tiny_model, image
 def test_mixture_from_top1_is_standardized_on_the_holdout(tiny_model, images):
     x, y = images
     holdout = [x[160:]]
-    top1 = cg.ClassMahalanobis(tiny_model, layers=["block1", "block2"]).fit([(x[:160], y[:160])], holdout=holdout, progress=False)
+    top1 = cg.ClassMahalanobis(tiny_model, layers=["block1", "block2"], covariance="full", fit_positions=1.0).fit([(x[:160], y[:160])], holdout=holdout, progress=False)
     detectors = {"class_mahalanobis_top1": top1}
     add_mixture(detectors, holdout)
     mixture = detectors["class_mahalanobis_mixture"]
@@ -75,7 +75,7 @@ def test_mixture_from_top1_is_standardized_on_the_holdout(tiny_model, images):
     torch.testing.assert_close(z.mean(0), torch.zeros(2, dtype=torch.float64), atol=1e-9, rtol=0)
     torch.testing.assert_close(z.std(0), torch.ones(2, dtype=torch.float64), atol=1e-9, rtol=0)
     # the same as fitting a mixture detector from scratch
-    fresh = cg.ClassMahalanobis(tiny_model, layers=["block1", "block2"], scoring="mixture")
+    fresh = cg.ClassMahalanobis(tiny_model, layers=["block1", "block2"], scoring="mixture", covariance="full", fit_positions=1.0)
     fresh.fit([(x[:160], y[:160])], holdout=holdout, progress=False)
     torch.testing.assert_close(mixture.score(x[:40]), fresh.score(x[:40]), rtol=1e-5, atol=1e-5)
 

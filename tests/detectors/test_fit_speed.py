@@ -63,7 +63,7 @@ def test_fit_positions_draws_a_seeded_share_of_each_images_patches(tiny_model, i
     assert draw_positions(6, 10, 1.0, torch.Generator()) is None
 
     def fitted(**kwargs):
-        det = cg.ClassMahalanobis(tiny_model, layers=["block1"], keep_moments=True, **kwargs)
+        det = cg.ClassMahalanobis(tiny_model, layers=["block1"], keep_moments=True, **{"covariance": "full", "fit_positions": 1.0, **kwargs})
         return det.fit([(x[:160], y[:160])], progress=False)
 
     full, half, half_again, other = fitted(), fitted(fit_positions=0.5), fitted(fit_positions=0.5), fitted(fit_positions=0.5, random_state=1)
@@ -72,7 +72,7 @@ def test_fit_positions_draws_a_seeded_share_of_each_images_patches(tiny_model, i
     assert torch.equal(half.score(x[:20]), half_again.score(x[:20]))  # seeded
     assert not torch.equal(half.score(x[:20]), other.score(x[:20]))
     with pytest.raises(ValueError, match="fit_positions must be a number in"):
-        cg.SimpleMahalanobis(tiny_model, layers=["block1"], fit_positions=0)
+        cg.SimpleMahalanobis(tiny_model, layers=["block1"], fit_positions=0, covariance="full")
 
 
 @pytest.mark.parametrize("padding", [0, 1])
@@ -89,7 +89,7 @@ def test_patches_at_rows_equal_numpy_patches_of_an_explicit_unfold(padding):
 
 def test_subsampled_fit_has_the_moments_of_the_drawn_patches_of_an_explicit_unfold(tiny_model, images):
     x, y = images
-    det = cg.SimpleMahalanobis(tiny_model, layers=["block1"], keep_moments=True, fit_positions=0.25, random_state=4)
+    det = cg.SimpleMahalanobis(tiny_model, layers=["block1"], keep_moments=True, fit_positions=0.25, random_state=4, covariance="full")
     det.fit([(x[:50], y[:50]), (x[50:120], y[50:120])], progress=False)
     feats = []
     with torch.no_grad():
@@ -106,3 +106,16 @@ def test_subsampled_fit_has_the_moments_of_the_drawn_patches_of_an_explicit_unfo
     np.testing.assert_allclose(m.mean[0].numpy(), drawn.mean(0), rtol=1e-6, atol=1e-8)
     centered = drawn - drawn.mean(0)
     np.testing.assert_allclose(m.scatter[0].numpy(), centered.T @ centered, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("cls", [cg.SimpleMahalanobis, cg.ClassMahalanobis])
+def test_the_default_is_low_rank_32_from_five_percent_of_the_positions(tiny_model, images, cls):
+    x, y = images
+    det = cls(tiny_model, layers=["block1"], keep_moments=True).fit([(x[:160], y[:160])], progress=False)
+    L = 6 * 6  # 3x3 patches of the 8x8 block1 maps
+    assert det.moments_["block1"].n.sum() == 160 * round(0.05 * L)  # 2 drawn positions per image
+    form = det.forms_["block1"]
+    assert (det.covariance, det.rank) == ("lowrank", 32) and form.proj.shape[-1] == 32
+    assert torch.equal(form.diag, form.diag[:, :1].expand_as(form.diag))  # top-32 eigenpairs + an isotropic residual
+    exact = cls(tiny_model, layers=["block1"], covariance="lowrank", rank=32, fit_positions=1.0).fit([(x[:160], y[:160])], progress=False)
+    assert exact.forms_["block1"].proj.shape == form.proj.shape and not torch.equal(exact.forms_["block1"].mean, form.mean)

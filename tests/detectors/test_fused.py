@@ -21,7 +21,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def make_members(model):
     return {
-        "simple": cg.SimpleMahalanobis(model, layers=["block1", "block2"]),
+        "simple": cg.SimpleMahalanobis(model, layers=["block1", "block2"], covariance="full", fit_positions=1.0),
         "mds": MDS(model),
         "knn": KNN(model, k=5),
         "msp": MSP(model),
@@ -119,7 +119,7 @@ def test_members_on_different_models_or_with_changed_weights_are_refused(tiny_mo
     with pytest.raises(ValueError, match=r"same model object; \['other'\] wrap another model"):
         FusedDetector({"msp": MSP(tiny_model), "knn": KNN(tiny_model), "other": MSP(TinyCNN())})
     model = copy.deepcopy(tiny_model)
-    simple = cg.SimpleMahalanobis(model, layers=["block2"]).fit(data["train"], progress=False)
+    simple = cg.SimpleMahalanobis(model, layers=["block2"], covariance="full", fit_positions=1.0).fit(data["train"], progress=False)
     with torch.no_grad():
         model.fc.bias += 1.0  # fine-tuned after the member's fit
     with pytest.raises(ValueError, match=r"members \['simple'\] were fitted on other weights"):
@@ -137,7 +137,7 @@ def test_construction_is_validated(tiny_model):
         FusedDetector({"msp": MSP(tiny_model)}, tail_size=0)
     with pytest.raises(ValueError, match=r"members \['odin'\] override score"):
         FusedDetector({"msp": MSP(tiny_model), "odin": ODIN(tiny_model)})
-    det = FusedDetector({"knn": KNN(tiny_model, k=5), "simple": cg.SimpleMahalanobis(tiny_model, layers=["block1"])})
+    det = FusedDetector({"knn": KNN(tiny_model, k=5), "simple": cg.SimpleMahalanobis(tiny_model, layers=["block1"], covariance="full", fit_positions=1.0)})
     assert det.layers == ("avgpool", "block1")
     with pytest.raises(cg.NotFittedError):
         det.score(make_images(2, seed=0)[0])

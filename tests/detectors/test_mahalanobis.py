@@ -35,7 +35,7 @@ def loader(x, y, batch):
 
 def test_simple_matches_numpy_reference(tiny_model, images):
     x, y = images
-    det = cg.SimpleMahalanobis(tiny_model, layers=["block1", "block2"]).fit(loader(x, y, 50), progress=False)
+    det = cg.SimpleMahalanobis(tiny_model, layers=["block1", "block2"], covariance="full", fit_positions=1.0).fit(loader(x, y, 50), progress=False)
     x_test, _ = make_images(20, seed=7, shift=0.1)
     got = det.layer_scores(x_test)
     train, test = feature_maps(tiny_model, x), feature_maps(tiny_model, x_test)
@@ -50,7 +50,7 @@ def test_simple_matches_numpy_reference(tiny_model, images):
 @pytest.mark.parametrize("scoring", ["top1", "mixture"])
 def test_class_matches_numpy_reference(tiny_model, images, scoring):
     x, y = images
-    det = cg.ClassMahalanobis(tiny_model, layers=["block2"], scoring=scoring, top_m=2).fit(loader(x, y, 64), progress=False)
+    det = cg.ClassMahalanobis(tiny_model, layers=["block2"], scoring=scoring, top_m=2, covariance="full", fit_positions=1.0).fit(loader(x, y, 64), progress=False)
     x_test, _ = make_images(15, seed=8, shift=0.05)
     got = det.score(x_test).double().numpy()
     train, test = feature_maps(tiny_model, x)["block2"], feature_maps(tiny_model, x_test)["block2"]
@@ -75,7 +75,7 @@ def test_class_matches_numpy_reference(tiny_model, images, scoring):
 
 def test_probs_weights_match_weighted_numpy(tiny_model, images):
     x, y = images
-    det = cg.ClassMahalanobis(tiny_model, layers=["block2"], class_weights="probs", covariance="diag").fit([x[:100], x[100:]], progress=False)
+    det = cg.ClassMahalanobis(tiny_model, layers=["block2"], class_weights="probs", covariance="diag", fit_positions=1.0).fit([x[:100], x[100:]], progress=False)
     with torch.no_grad():
         probs = tiny_model(x).double().softmax(1).numpy()
     p = unfold_np(feature_maps(tiny_model, x)["block2"])  # (N, L, D)
@@ -98,8 +98,8 @@ def test_shifted_inputs_score_higher(tiny_model, images, cls, covariance):
 
 def test_fit_is_invariant_to_batch_size(tiny_model, images):
     x, y = images
-    a = cg.SimpleMahalanobis(tiny_model, layers=["block2"]).fit(loader(x, y, 1), progress=False)
-    b = cg.SimpleMahalanobis(tiny_model, layers=["block2"]).fit(loader(x, y, 240), progress=False)
+    a = cg.SimpleMahalanobis(tiny_model, layers=["block2"], covariance="full", fit_positions=1.0).fit(loader(x, y, 1), progress=False)
+    b = cg.SimpleMahalanobis(tiny_model, layers=["block2"], covariance="full", fit_positions=1.0).fit(loader(x, y, 240), progress=False)
     # Batches are reduced in float32 (merged in float64): ~1e-6 relative in the statistics,
     # amplified by the precision's conditioning into the scores.
     torch.testing.assert_close(a.score(x[:10]), b.score(x[:10]), rtol=1e-4, atol=0)
@@ -107,7 +107,7 @@ def test_fit_is_invariant_to_batch_size(tiny_model, images):
 
 def test_score_map_shapes_and_max_aggregate(tiny_model, images):
     x, y = images
-    det = cg.SimpleMahalanobis(tiny_model, layers=["block1", "block2"], aggregate="max", padding={"block1": 1, "block2": 0})
+    det = cg.SimpleMahalanobis(tiny_model, layers=["block1", "block2"], aggregate="max", padding={"block1": 1, "block2": 0}, covariance="full", fit_positions=1.0)
     det.fit(loader(x, y, 80), progress=False)
     maps = det.distance_maps(x[:4])
     assert maps["block1"].shape == (4, 8, 8) and maps["block2"].shape == (4, 2, 2)
@@ -118,7 +118,7 @@ def test_score_map_shapes_and_max_aggregate(tiny_model, images):
 def test_layers_combined_by_holdout_zscores(tiny_model, images):
     x, y = images
     holdout, _ = make_images(50, seed=11)
-    det = cg.SimpleMahalanobis(tiny_model, layers=["block1", "block2"]).fit(loader(x, y, 80), holdout=[holdout], progress=False)
+    det = cg.SimpleMahalanobis(tiny_model, layers=["block1", "block2"], covariance="full", fit_positions=1.0).fit(loader(x, y, 80), holdout=[holdout], progress=False)
     hold = det.layer_scores(holdout)  # (N, 2) float64
     z = (hold - hold.mean(0)) / hold.std(0)
     torch.testing.assert_close(det.score(holdout).double(), z.sum(1), rtol=1e-4, atol=1e-4)
@@ -129,13 +129,13 @@ def test_empty_class_falls_back_to_pooled_with_warning(tiny_model, images):
     x, y = images
     keep = y != 2
     with pytest.warns(RuntimeWarning, match=r"classes \[2\] have no fit samples"):
-        det = cg.ClassMahalanobis(tiny_model, layers=["block2"]).fit(loader(x[keep], y[keep], 64), progress=False)
+        det = cg.ClassMahalanobis(tiny_model, layers=["block2"], covariance="full", fit_positions=1.0).fit(loader(x[keep], y[keep], 64), progress=False)
     assert torch.isfinite(det.score(x)).all()
 
 
 def test_save_load_round_trip(tiny_model, images, tmp_path):
     x, y = images
-    det = cg.ClassMahalanobis(tiny_model, layers=["block1", "block2"], covariance="lowrank", rank=5, scoring="mixture")
+    det = cg.ClassMahalanobis(tiny_model, layers=["block1", "block2"], covariance="lowrank", rank=5, scoring="mixture", fit_positions=1.0)
     det.fit(loader(x, y, 64), progress=False)
     path = cg.save(det, tmp_path / "det.safetensors")
     loaded = cg.load(path, tiny_model)
@@ -147,7 +147,7 @@ def test_load_refuses_model_with_other_channels(tiny_model, images, tmp_path):
     from conftest import TinyCNN
 
     x, y = images
-    det = cg.SimpleMahalanobis(tiny_model, layers=["block1"]).fit(loader(x, y, 64), progress=False)
+    det = cg.SimpleMahalanobis(tiny_model, layers=["block1"], covariance="full", fit_positions=1.0).fit(loader(x, y, 64), progress=False)
     other = TinyCNN()
     other.block1[0] = torch.nn.Conv2d(1, 5, 3, padding=1)
     other.block1[1] = torch.nn.BatchNorm2d(5)
@@ -177,7 +177,7 @@ def test_load_refuses_corrupt_file(tmp_path, tiny_model):
 )
 def test_bad_inputs_raise_clear_errors(tiny_model, images, make_x, error, match):
     x, y = images
-    det = cg.SimpleMahalanobis(tiny_model, layers=["block2"]).fit(loader(x, y, 120), progress=False)
+    det = cg.SimpleMahalanobis(tiny_model, layers=["block2"], covariance="full", fit_positions=1.0).fit(loader(x, y, 120), progress=False)
     with pytest.raises(error, match=match):
         det.score(make_x(x[:4]))
 
@@ -185,15 +185,15 @@ def test_bad_inputs_raise_clear_errors(tiny_model, images, make_x, error, match)
 def test_unfitted_unknown_layer_and_empty_loader(tiny_model, images):
     x, y = images
     with pytest.raises(cg.NotFittedError, match="not fitted yet"):
-        cg.SimpleMahalanobis(tiny_model, layers=["block1"]).score(x)
+        cg.SimpleMahalanobis(tiny_model, layers=["block1"], covariance="full", fit_positions=1.0).score(x)
     with pytest.raises(ValueError, match=r"layers \['conv9'\] are not modules of the model; valid names: \["):
-        cg.SimpleMahalanobis(tiny_model, layers=["conv9"])
+        cg.SimpleMahalanobis(tiny_model, layers=["conv9"], covariance="full", fit_positions=1.0)
     with pytest.raises(ValueError, match="loader is empty"):
-        cg.SimpleMahalanobis(tiny_model, layers=["block1"]).fit([], progress=False)
+        cg.SimpleMahalanobis(tiny_model, layers=["block1"], covariance="full", fit_positions=1.0).fit([], progress=False)
     with pytest.raises(ValueError, match="needs labels"):
-        cg.ClassMahalanobis(tiny_model, layers=["block1"]).fit([x], progress=False)
+        cg.ClassMahalanobis(tiny_model, layers=["block1"], covariance="full", fit_positions=1.0).fit([x], progress=False)
     with pytest.raises(ValueError, match="aggregate must be one of"):
-        cg.SimpleMahalanobis(tiny_model, layers=["block1"], aggregate="median")
+        cg.SimpleMahalanobis(tiny_model, layers=["block1"], aggregate="median", covariance="full", fit_positions=1.0)
 
 
 def test_nan_activations_at_fit_name_the_batch(tiny_model, images):
@@ -201,12 +201,12 @@ def test_nan_activations_at_fit_name_the_batch(tiny_model, images):
     bad = x[:10].clone()
     bad[3, 0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="activations of layer 'block1' in batch 1 contain NaN or inf"):
-        cg.SimpleMahalanobis(tiny_model, layers=["block1"]).fit([x[:10], bad], progress=False)
+        cg.SimpleMahalanobis(tiny_model, layers=["block1"], covariance="full", fit_positions=1.0).fit([x[:10], bad], progress=False)
 
 
 def test_nonfinite_input_scores_inf_with_warning(tiny_model, images):
     x, y = images
-    det = cg.SimpleMahalanobis(tiny_model, layers=["block1", "block2"]).fit(loader(x, y, 120), progress=False)
+    det = cg.SimpleMahalanobis(tiny_model, layers=["block1", "block2"], covariance="full", fit_positions=1.0).fit(loader(x, y, 120), progress=False)
     bad = x[:4].clone()
     bad[1, 0, 2, 2] = float("inf")
     with pytest.warns(RuntimeWarning, match="1 of 4 inputs have non-finite activations"):
@@ -218,7 +218,7 @@ def test_model_mode_is_restored(tiny_model, images):
     x, y = images
     tiny_model.train()
     try:
-        det = cg.SimpleMahalanobis(tiny_model, layers=["block1"]).fit(loader(x, y, 120), progress=False)
+        det = cg.SimpleMahalanobis(tiny_model, layers=["block1"], covariance="full", fit_positions=1.0).fit(loader(x, y, 120), progress=False)
         det.score(x[:3])
         assert tiny_model.training
     finally:

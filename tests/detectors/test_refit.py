@@ -36,20 +36,20 @@ def test_logdet_matches_dense_precision(form, rank):
 def test_refit_equals_a_detector_fitted_with_those_settings(tiny_model, images, cls, covariance, rank, aggregate):
     x, y = images
     fit, hold = loader(x[:200], y[:200], 50), [x[200:]]
-    base = cls(tiny_model, layers=["block1", "block2"], keep_moments=True).fit(fit, holdout=hold, progress=False)
+    base = cls(tiny_model, layers=["block1", "block2"], keep_moments=True, covariance="full", fit_positions=1.0).fit(fit, holdout=hold, progress=False)
     got = base.refit(holdout=hold, covariance=covariance, rank=rank, aggregate=aggregate)
-    ref = cls(tiny_model, layers=["block1", "block2"], covariance=covariance, rank=rank, aggregate=aggregate).fit(
+    ref = cls(tiny_model, layers=["block1", "block2"], covariance=covariance, rank=rank, aggregate=aggregate, fit_positions=1.0).fit(
         fit, holdout=hold, progress=False
     )
     test, _ = make_images(20, seed=9)
     torch.testing.assert_close(got.score(test), ref.score(test), rtol=1e-4, atol=1e-4)
     assert base.config.form == "full" and base.aggregate == "mean"  # the original is untouched
-    torch.testing.assert_close(base.score(test), cls(tiny_model, layers=["block1", "block2"]).fit(fit, holdout=hold, progress=False).score(test), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(base.score(test), cls(tiny_model, layers=["block1", "block2"], covariance="full", fit_positions=1.0).fit(fit, holdout=hold, progress=False).score(test), rtol=1e-4, atol=1e-4)
 
 
 def test_refit_without_kept_moments_is_a_clear_error(tiny_model, images):
     x, y = images
-    det = cg.SimpleMahalanobis(tiny_model, layers=["block2"]).fit(loader(x, y, 60), progress=False)
+    det = cg.SimpleMahalanobis(tiny_model, layers=["block2"], covariance="full", fit_positions=1.0).fit(loader(x, y, 60), progress=False)
     assert det.moments_ == {}
     with pytest.raises(ValueError, match="keep_moments=True"):
         det.refit(holdout=None, covariance="diag")
@@ -58,7 +58,7 @@ def test_refit_without_kept_moments_is_a_clear_error(tiny_model, images):
 def test_log_likelihood_is_the_gaussian_density_of_unfolded_patches(tiny_model, images):
     """Against scipy-free numpy: mean over patches of log N(p; mu, Sigma) / D, Sigma = P^-1."""
     x, y = images
-    det = cg.SimpleMahalanobis(tiny_model, layers=["block2"], covariance="lowrank", rank=6).fit(loader(x, y, 60), progress=False)
+    det = cg.SimpleMahalanobis(tiny_model, layers=["block2"], covariance="lowrank", rank=6, fit_positions=1.0).fit(loader(x, y, 60), progress=False)
     test, _ = make_images(5, seed=11)
     ll = log_likelihood(det, test)[:, 0].numpy()
     with torch.no_grad():
@@ -75,6 +75,6 @@ def test_log_likelihood_is_the_gaussian_density_of_unfolded_patches(tiny_model, 
 
 def test_held_out_likelihood_prefers_full_covariance_on_correlated_features(tiny_model, images):
     x, y = images
-    base = cg.SimpleMahalanobis(tiny_model, layers=["block2"], keep_moments=True).fit(loader(x[:200], y[:200], 50), progress=False)
+    base = cg.SimpleMahalanobis(tiny_model, layers=["block2"], keep_moments=True, covariance="full", fit_positions=1.0).fit(loader(x[:200], y[:200], 50), progress=False)
     diag = base.refit(holdout=None, covariance="diag")
     assert log_likelihood(base, x[200:]).mean() > log_likelihood(diag, x[200:]).mean()

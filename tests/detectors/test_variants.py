@@ -58,7 +58,7 @@ def test_default_options_are_todays_detector_bit_for_bit(tiny_model, split, x_te
 @pytest.mark.parametrize("scoring", ["top1", "mixture"])
 def test_relative_matches_numpy_reference(tiny_model, images, x_test, scoring):
     x, y = images
-    det = cg.ClassMahalanobis(tiny_model, layers=["block2"], scoring=scoring, top_m=2, relative=True)
+    det = cg.ClassMahalanobis(tiny_model, layers=["block2"], scoring=scoring, top_m=2, relative=True, covariance="full", fit_positions=1.0)
     det.fit(loader(x, y, 64), progress=False)
     got = det.layer_scores(x_test)[:, 0].numpy()
     p_train, p_test = unfold_np(feature_maps(tiny_model, x)["block2"]), unfold_np(feature_maps(tiny_model, x_test)["block2"])
@@ -81,8 +81,8 @@ def test_relative_matches_numpy_reference(tiny_model, images, x_test, scoring):
 
 def test_relative_background_is_the_pooled_class_moments(tiny_model, images):
     x, y = images
-    det = cg.ClassMahalanobis(tiny_model, layers=["block2"], covariance="diag", relative=True).fit(loader(x, y, 64), progress=False)
-    simple = cg.SimpleMahalanobis(tiny_model, layers=["block2"], covariance="diag").fit(loader(x, y, 64), progress=False)
+    det = cg.ClassMahalanobis(tiny_model, layers=["block2"], covariance="diag", relative=True, fit_positions=1.0).fit(loader(x, y, 64), progress=False)
+    simple = cg.SimpleMahalanobis(tiny_model, layers=["block2"], covariance="diag", fit_positions=1.0).fit(loader(x, y, 64), progress=False)
     bg, ref = det.background_forms_["block2"], simple.forms_["block2"]
     torch.testing.assert_close(bg.mean, ref.mean, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(bg.diag, ref.diag, rtol=1e-5, atol=0)
@@ -91,7 +91,7 @@ def test_relative_background_is_the_pooled_class_moments(tiny_model, images):
 def test_relative_with_basis_rank_subtracts_the_exact_shared_form(tiny_model, images, x_test):
     x, y = images
     fit = loader(x, y, 64)
-    common = {"layers": ["block2"], "covariance": "lowrank", "rank": 4}
+    common = {"layers": ["block2"], "covariance": "lowrank", "rank": 4, "fit_positions": 1.0}
     rel = cg.ClassMahalanobis(tiny_model, basis_rank=8, relative=True, **common).fit(fit, progress=False)
     absolute = cg.ClassMahalanobis(tiny_model, basis_rank=8, **common).fit(fit, progress=False)
     shared = cg.SimpleMahalanobis(tiny_model, **common).fit(fit, progress=False)
@@ -102,13 +102,13 @@ def test_relative_with_basis_rank_subtracts_the_exact_shared_form(tiny_model, im
 
 def test_relative_is_refit_from_kept_moments(tiny_model, split, x_test):
     fit, hold, _ = split
-    base = cg.ClassMahalanobis(tiny_model, layers=LAYERS, keep_moments=True).fit(fit, holdout=hold, progress=False)
+    base = cg.ClassMahalanobis(tiny_model, layers=LAYERS, keep_moments=True, covariance="full", fit_positions=1.0).fit(fit, holdout=hold, progress=False)
     got = base.refit(holdout=hold, relative=True)
-    ref = cg.ClassMahalanobis(tiny_model, layers=LAYERS, relative=True).fit(fit, holdout=hold, progress=False)
+    ref = cg.ClassMahalanobis(tiny_model, layers=LAYERS, relative=True, covariance="full", fit_positions=1.0).fit(fit, holdout=hold, progress=False)
     torch.testing.assert_close(got.score(x_test), ref.score(x_test), rtol=1e-4, atol=1e-4)
     back = got.refit(holdout=hold, relative=False)  # a scoring change: the class forms are kept
     torch.testing.assert_close(back.score(x_test), base.score(x_test), rtol=1e-6, atol=1e-6)
-    plain = cg.ClassMahalanobis(tiny_model, layers=LAYERS).fit(fit, holdout=hold, progress=False)
+    plain = cg.ClassMahalanobis(tiny_model, layers=LAYERS, covariance="full", fit_positions=1.0).fit(fit, holdout=hold, progress=False)
     with pytest.raises(ValueError, match=r"refit of \['relative'\] needs the fitted moments"):
         plain.refit(holdout=hold, relative=True)
     with pytest.raises(ValueError, match="log_likelihood needs absolute distances"):
@@ -125,7 +125,7 @@ def normalized_np(f):
 @pytest.mark.parametrize("cls", [cg.SimpleMahalanobis, cg.ClassMahalanobis])
 def test_normalized_features_match_numpy_reference(tiny_model, images, x_test, cls):
     x, y = images
-    det = cls(tiny_model, layers=LAYERS, normalize="position", padding={"block1": 1, "block2": 0})
+    det = cls(tiny_model, layers=LAYERS, normalize="position", padding={"block1": 1, "block2": 0}, covariance="full", fit_positions=1.0)
     det.fit(loader(x, y, 60), holdout=[x[:50]], progress=False)
     got = det.layer_scores(x_test).numpy()
     train, test = feature_maps(tiny_model, x), feature_maps(tiny_model, x_test)
@@ -150,8 +150,8 @@ def test_normalized_features_ignore_the_scale_of_the_map(tiny_model, images, x_t
     with torch.no_grad():  # ReLU(5 conv) = 5 ReLU(conv): block2's map is 5 times larger
         scaled.block2[1].weight.mul_(5.0)
         scaled.block2[1].bias.mul_(5.0)
-    a = cg.SimpleMahalanobis(tiny_model, layers=["block2"], normalize="position").fit(loader(x, y, 60), progress=False)
-    b = cg.SimpleMahalanobis(scaled, layers=["block2"], normalize="position").fit(loader(x, y, 60), progress=False)
+    a = cg.SimpleMahalanobis(tiny_model, layers=["block2"], normalize="position", covariance="full", fit_positions=1.0).fit(loader(x, y, 60), progress=False)
+    b = cg.SimpleMahalanobis(scaled, layers=["block2"], normalize="position", covariance="full", fit_positions=1.0).fit(loader(x, y, 60), progress=False)
     torch.testing.assert_close(a.score(x_test), b.score(x_test), rtol=1e-3, atol=1e-3)
     with pytest.raises(ValueError, match=r"refit cannot change \['normalize'\]"):
         a.refit(holdout=None, normalize="none")
@@ -159,20 +159,20 @@ def test_normalized_features_ignore_the_scale_of_the_map(tiny_model, images, x_t
 
 def test_normalized_fit_is_invariant_to_batch_size(tiny_model, images, x_test):
     x, y = images
-    a = cg.SimpleMahalanobis(tiny_model, layers=["block2"], normalize="position").fit(loader(x, y, 1), progress=False)
-    b = cg.SimpleMahalanobis(tiny_model, layers=["block2"], normalize="position").fit(loader(x, y, 240), progress=False)
+    a = cg.SimpleMahalanobis(tiny_model, layers=["block2"], normalize="position", covariance="full", fit_positions=1.0).fit(loader(x, y, 1), progress=False)
+    b = cg.SimpleMahalanobis(tiny_model, layers=["block2"], normalize="position", covariance="full", fit_positions=1.0).fit(loader(x, y, 240), progress=False)
     # float32 batch reductions (as test_fit_is_invariant_to_batch_size), merged in float64
     torch.testing.assert_close(a.score(x_test), b.score(x_test), rtol=1e-4, atol=0)
 
 
 def test_simple_pools_class_moments_only_with_the_same_normalization(tiny_model, split, x_test):
     fit, hold, _ = split
-    klass = cg.ClassMahalanobis(tiny_model, layers=LAYERS, normalize="position")
-    plain = cg.SimpleMahalanobis(tiny_model, layers=LAYERS)
-    normed = cg.SimpleMahalanobis(tiny_model, layers=LAYERS, normalize="position")
+    klass = cg.ClassMahalanobis(tiny_model, layers=LAYERS, normalize="position", covariance="full", fit_positions=1.0)
+    plain = cg.SimpleMahalanobis(tiny_model, layers=LAYERS, covariance="full", fit_positions=1.0)
+    normed = cg.SimpleMahalanobis(tiny_model, layers=LAYERS, normalize="position", covariance="full", fit_positions=1.0)
     assert set(_pooled_sources([plain, normed, klass])) == {normed}
     fit_detectors([plain, normed, klass], fit, holdout=hold, progress=False)
-    alone = cg.SimpleMahalanobis(tiny_model, layers=LAYERS, normalize="position").fit(fit, holdout=hold, progress=False)
+    alone = cg.SimpleMahalanobis(tiny_model, layers=LAYERS, normalize="position", covariance="full", fit_positions=1.0).fit(fit, holdout=hold, progress=False)
     torch.testing.assert_close(normed.score(x_test), alone.score(x_test), rtol=1e-4, atol=1e-4)
 
 
@@ -182,7 +182,7 @@ def test_simple_pools_class_moments_only_with_the_same_normalization(tiny_model,
 @pytest.mark.parametrize("top_fraction, count", [(0.1, 4), (0.25, 9), (0.01, 1)])
 def test_topq_is_the_mean_of_the_largest_patch_distances(tiny_model, images, x_test, top_fraction, count):
     x, y = images
-    det = cg.SimpleMahalanobis(tiny_model, layers=["block1"], aggregate="topq", top_fraction=top_fraction)
+    det = cg.SimpleMahalanobis(tiny_model, layers=["block1"], aggregate="topq", top_fraction=top_fraction, covariance="full", fit_positions=1.0)
     det.fit(loader(x, y, 60), progress=False)
     p_train, p_test = unfold_np(feature_maps(tiny_model, x)["block1"]), unfold_np(feature_maps(tiny_model, x_test)["block1"])
     d2 = d2_np(p_test, *ridge_inverse(p_train.reshape(-1, p_train.shape[-1])))  # (N, 36)
@@ -192,7 +192,7 @@ def test_topq_is_the_mean_of_the_largest_patch_distances(tiny_model, images, x_t
 
 def test_topq_spans_max_to_mean(tiny_model, split, x_test):
     fit, hold, _ = split
-    base = cg.SimpleMahalanobis(tiny_model, layers=LAYERS).fit(fit, holdout=hold, progress=False)
+    base = cg.SimpleMahalanobis(tiny_model, layers=LAYERS, covariance="full", fit_positions=1.0).fit(fit, holdout=hold, progress=False)
     maps = base.distance_maps(x_test)
     every = base.refit(holdout=hold, aggregate="topq", top_fraction=1.0).layer_scores(x_test)
     one = base.refit(holdout=hold, aggregate="topq", top_fraction=1e-6).layer_scores(x_test)
@@ -207,7 +207,7 @@ def test_topq_spans_max_to_mean(tiny_model, split, x_test):
 @pytest.mark.parametrize("fusion", ["max", "gaussian"])
 def test_layer_fusion_matches_numpy_reference(tiny_model, split, x_test, fusion):
     fit, hold, hold_x = split
-    det = cg.ClassMahalanobis(tiny_model, layers=LAYERS, fusion=fusion).fit(fit, holdout=hold, progress=False)
+    det = cg.ClassMahalanobis(tiny_model, layers=LAYERS, fusion=fusion, covariance="full", fit_positions=1.0).fit(fit, holdout=hold, progress=False)
     h, s = det.layer_scores(hold_x).numpy(), det.layer_scores(x_test).numpy()  # (n, L), (N, L)
     mean, std = h.mean(0), h.std(0, ddof=1)
     z = (s - mean) / std
@@ -222,7 +222,7 @@ def test_layer_fusion_matches_numpy_reference(tiny_model, split, x_test, fusion)
 
 def test_gaussian_fusion_is_two_sided(tiny_model, split):
     fit, hold, hold_x = split
-    base = cg.SimpleMahalanobis(tiny_model, layers=LAYERS).fit(fit, holdout=hold, progress=False)
+    base = cg.SimpleMahalanobis(tiny_model, layers=LAYERS, covariance="full", fit_positions=1.0).fit(fit, holdout=hold, progress=False)
     gauss = base.refit(holdout=hold, fusion="gaussian")
     h = base.layer_scores(hold_x)  # (n, L)
     typical, too_typical = h.mean(0, keepdim=True), h.mean(0, keepdim=True) - 4 * h.std(0, keepdim=True)
@@ -233,19 +233,19 @@ def test_gaussian_fusion_is_two_sided(tiny_model, split):
 @pytest.mark.parametrize("fusion", ["max", "gaussian"])
 def test_refit_fusion_equals_a_detector_fitted_with_it(tiny_model, split, x_test, fusion):
     fit, hold, _ = split
-    base = cg.SimpleMahalanobis(tiny_model, layers=LAYERS).fit(fit, holdout=hold, progress=False)
+    base = cg.SimpleMahalanobis(tiny_model, layers=LAYERS, covariance="full", fit_positions=1.0).fit(fit, holdout=hold, progress=False)
     got = base.refit(holdout=hold, fusion=fusion)
-    ref = cg.SimpleMahalanobis(tiny_model, layers=LAYERS, fusion=fusion).fit(fit, holdout=hold, progress=False)
+    ref = cg.SimpleMahalanobis(tiny_model, layers=LAYERS, fusion=fusion, covariance="full", fit_positions=1.0).fit(fit, holdout=hold, progress=False)
     torch.testing.assert_close(got.score(x_test), ref.score(x_test), rtol=1e-4, atol=1e-4)
     assert base.fusion == "sum" and got.get_params()["fusion"] == fusion
 
 
 def test_gaussian_fusion_of_one_layer_needs_holdout(tiny_model, images, x_test):
     x, y = images
-    det = cg.SimpleMahalanobis(tiny_model, layers=["block2"], fusion="gaussian").fit(loader(x, y, 60), holdout=[x[:80]], progress=False)
+    det = cg.SimpleMahalanobis(tiny_model, layers=["block2"], fusion="gaussian", covariance="full", fit_positions=1.0).fit(loader(x, y, 60), holdout=[x[:80]], progress=False)
     s, h = det.layer_scores(x_test)[:, 0], det.layer_scores(x[:80])[:, 0]
     torch.testing.assert_close(det.score(x_test).double(), (s - h.mean()) ** 2 / h.var() / (1 + GAUSSIAN_RIDGE), rtol=1e-5, atol=1e-6)
-    one = cg.SimpleMahalanobis(tiny_model, layers=["block2"]).fit(loader(x, y, 60), progress=False)
+    one = cg.SimpleMahalanobis(tiny_model, layers=["block2"], covariance="full", fit_positions=1.0).fit(loader(x, y, 60), progress=False)
     with pytest.raises(ValueError, match="holdout must hold in-distribution images"):
         one.refit(holdout=None, fusion="gaussian")
     assert not one.needs_holdout and one.refit(holdout=None, fusion="max").needs_holdout is False
@@ -284,7 +284,7 @@ def test_shifted_inputs_score_higher_and_state_reinstalls(tiny_model, images, cl
 
 def test_set_state_refuses_missing_or_extra_variant_state(tiny_model, images):
     x, y = images
-    det = cg.ClassMahalanobis(tiny_model, layers=LAYERS, relative=True, fusion="gaussian").fit(loader(x, y, 64), progress=False)
+    det = cg.ClassMahalanobis(tiny_model, layers=LAYERS, relative=True, fusion="gaussian", covariance="full", fit_positions=1.0).fit(loader(x, y, 64), progress=False)
     state = det.fusion_state()
     common = {"score_mean": state["mean"], "score_std": state["std"], "input_shape": det.input_shape_, "model_sha256": None}
     with pytest.raises(ValueError, match="relative=True needs background_forms"):
@@ -294,7 +294,7 @@ def test_set_state_refuses_missing_or_extra_variant_state(tiny_model, images):
             det.forms_, det.channels_, **common, background_forms=det.background_forms_
         )
     with pytest.raises(ValueError, match="relative=False takes no background_forms"):
-        cg.ClassMahalanobis(tiny_model, layers=LAYERS, fusion="gaussian").set_state(
+        cg.ClassMahalanobis(tiny_model, layers=LAYERS, fusion="gaussian", covariance="full", fit_positions=1.0).set_state(
             det.forms_, det.channels_, **common, score_correlation=state["correlation"], background_forms=det.background_forms_
         )
 

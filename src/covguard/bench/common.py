@@ -191,14 +191,15 @@ def patch_detectors(
     covariance forms afterwards (:meth:`~covguard.detectors.patch.PatchMahalanobis.refit`).
     """
     kernel = Taps(tuple(layers), kernel_size or {}, feature_layer).kernels()
-    common = {"layers": layers, "covariance": covariance, "kernel_size": kernel, "keep_moments": keep_moments}
+    common = {"layers": layers, "covariance": covariance, "kernel_size": kernel, "keep_moments": keep_moments, "fit_positions": 1.0}
     dets: dict[str, Detector] = {
         "simple_mahalanobis": SimpleMahalanobis(model, **common),
         "class_mahalanobis_top1": ClassMahalanobis(model, scoring="top1", **common),
     }
     if feature_layer is not None and feature_layer in layers:
         dets["class_penultimate_original"] = ClassMahalanobis(
-            model, layers=[feature_layer], kernel_size=1, class_weights="correct", eps=0.01, scoring="top1"
+            model, layers=[feature_layer], kernel_size=1, class_weights="correct", eps=0.01, scoring="top1", covariance="full",
+            fit_positions=1.0,
         )
     return dets
 

@@ -72,7 +72,7 @@ class DemoResult:
 
 def _detectors(model: nn.Module, cfg: DemoConfig) -> dict[str, Detector]:
     """Our patch detectors and the configured baselines, by display name."""
-    common = {"layers": cfg.layers, "covariance": cfg.covariance}
+    common = {"layers": cfg.layers, "covariance": cfg.covariance, "fit_positions": 1.0}
     dets: dict[str, Detector] = {
         "simple_mahalanobis": SimpleMahalanobis(model, **common),
         "class_mahalanobis_top1": ClassMahalanobis(model, scoring="top1", **common),

@@ -139,11 +139,12 @@ def _variants(model: nn.Module, train, cfg: FrontierConfig) -> dict[str, Detecto
     """Fit Simple and Class top-1 (exact and subsampled statistics, kept moments) and the basis
     fits in one joint pass; derive every form of :data:`FORMS` from the kept moments."""
     common = {"layers": CIFAR_LAYERS, "kernel_size": _kernels(CIFAR_LAYERS)}
+    exact = {"covariance": "full", "fit_positions": 1.0}
     sub = {"keep_moments": True, "fit_positions": cfg.fit_positions, "random_state": cfg.seed}
     extra = {
-        "simple@positions": SimpleMahalanobis(model, **common, **sub),
-        "class-top1@positions": ClassMahalanobis(model, scoring="top1", **common, **sub),
-        **{f"class-top1/{form}": ClassMahalanobis(model, scoring="top1", **common, **changes) for form, changes in BASIS.items()},
+        "simple@positions": SimpleMahalanobis(model, **common, **sub, covariance="full"),
+        "class-top1@positions": ClassMahalanobis(model, scoring="top1", **common, **sub, covariance="full"),
+        **{f"class-top1/{form}": ClassMahalanobis(model, scoring="top1", **{**common, **exact, **changes}) for form, changes in BASIS.items()},
     }
     fitted, _ = fit_on_train(
         model, train, baselines=(), n_holdout=cfg.n_holdout, max_train=cfg.max_train, seed=cfg.seed,
@@ -252,9 +253,9 @@ def _timing_variants(name: str, root: Path, sets: dict, cfg: FrontierConfig) -> 
         model = make_model(name, device, channels_last=False)
         layers, kernel = TIMING_LAYERS[name], 3
         x, y = torch.rand(n, 3, 32, 32, generator=gen).to(device), torch.randint(0, 10, (n,), generator=gen).to(device)
-    common = {"layers": layers, "kernel_size": kernel}
+    common = {"layers": layers, "kernel_size": kernel, "covariance": "full", "fit_positions": 1.0}
     base = {kind: (SimpleMahalanobis if kind == "simple" else ClassMahalanobis)(model, keep_moments=True, **common) for kind in KINDS}
-    basis = {f"class-top1/{form}": ClassMahalanobis(model, **common, **changes) for form, changes in BASIS.items()}
+    basis = {f"class-top1/{form}": ClassMahalanobis(model, **{**common, **changes}) for form, changes in BASIS.items()}
     fit_detectors([*base.values(), *basis.values()], [(x, y)], holdout=[x[:32]], progress=False)
     out = {f"{kind}/{form}": det.refit(holdout=[x[:32]], **changes) if changes else det
            for kind, det in base.items() for form, changes in FORMS.items()}
@@ -311,7 +312,7 @@ def choose_default(results: dict, cfg: FrontierConfig) -> dict:
 
 def _constructor(kind: str, form: str) -> tuple[type[Detector], dict]:
     cls = SimpleMahalanobis if kind == "simple" else ClassMahalanobis
-    return cls, {**({} if kind == "simple" else {"scoring": "top1"}), **FORMS.get(form, {}), **BASIS.get(form, {})}
+    return cls, {**({} if kind == "simple" else {"scoring": "top1"}), "covariance": "full", **FORMS.get(form, {}), **BASIS.get(form, {})}
 
 
 def _sweep(model: nn.Module, train, chosen: dict, cfg: FrontierConfig) -> dict[str, Detector]:

@@ -295,7 +295,8 @@ def _fit_guard(model: nn.Module, batches: Sequence[Tensor], config: ThroughputCo
     x = torch.cat(list(batches))[: 2 * config.fit_images]  # (n, C, H, W)
     n_fit = len(x) // 2  # the rest calibrates
     split = lambda t: [t[i : i + config.batch_size] for i in range(0, len(t), config.batch_size)]  # noqa: E731
-    detector = SimpleMahalanobis(model, layers=list(default_layers(model, x[:1]))).fit(split(x[:n_fit]), progress=False)
+    detector = SimpleMahalanobis(model, layers=list(default_layers(model, x[:1])), covariance="full", fit_positions=1.0)
+    detector.fit(split(x[:n_fit]), progress=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # few calibration images: the threshold does not matter here
         return Guard(model, detector).calibrate(split(x[n_fit:]), tpr=0.95, progress=False)

@@ -71,12 +71,13 @@ def run_memory_job(job: dict) -> float:
         with torch.no_grad():
             model(torch.rand(batch_size, 3, 32, 32))
     elif what == "simple-full":
-        SimpleMahalanobis(model, layers=[layer], covariance="full").fit(batches(), progress=False)
+        SimpleMahalanobis(model, layers=[layer], covariance="full", fit_positions=1.0).fit(batches(), progress=False)
     elif what == "class-exact":
-        ClassMahalanobis(model, layers=[layer], covariance="lowrank", rank=64).fit(batches(), progress=False)
+        ClassMahalanobis(model, layers=[layer], covariance="lowrank", rank=64, fit_positions=1.0).fit(batches(), progress=False)
     elif what == "class-reduced":
         loader = _ReusableBatches(batches)  # two passes over the same images
-        ClassMahalanobis(model, layers=[layer], covariance="lowrank", rank=min(64, job["rank"]), basis_rank=job["rank"]).fit(loader, progress=False)
+        ClassMahalanobis(model, layers=[layer], covariance="lowrank", rank=min(64, job["rank"]), basis_rank=job["rank"],
+                         fit_positions=1.0).fit(loader, progress=False)
     else:
         raise ValueError(f"unknown memory job {what!r}")
     return _peak_rss_mb()

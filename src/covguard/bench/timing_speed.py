@@ -82,7 +82,7 @@ class DetectorSpec:
 
     def build(self, model: nn.Module, layers: Sequence[str]) -> PatchMahalanobis:
         """An unfitted detector of this configuration."""
-        common = {"layers": layers, "covariance": self.covariance, "rank": max(self.rank, 1)}
+        common = {"layers": layers, "covariance": self.covariance, "rank": max(self.rank, 1), "fit_positions": 1.0}
         if self.kind == "simple":
             return SimpleMahalanobis(model, **common)
         return ClassMahalanobis(model, scoring=self.scoring, top_m=TOP_M, **common)
@@ -294,8 +294,8 @@ def time_fit(
         return time.perf_counter() - tic
 
     builders = builders or {
-        "simple": lambda: SimpleMahalanobis(model, layers=layers, covariance="diag"),
-        "class": lambda: ClassMahalanobis(model, layers=layers, covariance="diag"),
+        "simple": lambda: SimpleMahalanobis(model, layers=layers, covariance="diag", fit_positions=1.0),
+        "class": lambda: ClassMahalanobis(model, layers=layers, covariance="diag", fit_positions=1.0),
     }
     for name, build in builders.items():
         fit_small = timer(lambda: build().fit(loader[:small], holdout=holdout, progress=False), device, 1)

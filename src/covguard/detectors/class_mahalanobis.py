@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from covguard.covariance import QuadraticForm, quadratic_form
 from covguard.detectors.class_weights import CLASS_WEIGHTS, SCORINGS, ClassWeighting
-from covguard.detectors.patch import PatchMahalanobis
+from covguard.detectors.patch import DEFAULT_FORM, PatchMahalanobis
 from covguard.detectors.accumulators import DiagonalAccumulator, ExactAccumulator, SharedBasisAccumulator, repair_degenerate
 
 __all__ = ["CLASS_WEIGHTS", "SCORINGS", "ClassMahalanobis"]
@@ -64,8 +64,8 @@ class ClassMahalanobis(PatchMahalanobis):
         model: nn.Module,
         *,
         layers: Iterable[str],
-        covariance: str = "full",
-        rank: int = 64,
+        covariance: str = DEFAULT_FORM["covariance"],
+        rank: int = DEFAULT_FORM["rank"],
         shrinkage: str = "ridge",
         eps: float = 0.01,
         kernel_size: int | Mapping[str, int] = 3,
@@ -75,7 +75,7 @@ class ClassMahalanobis(PatchMahalanobis):
         normalize: str = "none",
         fusion: str = "sum",
         keep_moments: bool = False,
-        fit_positions: float = 1.0,
+        fit_positions: float = DEFAULT_FORM["fit_positions"],
         random_state: int = 0,
         class_weights: str = "label",
         scoring: str = "top1",
