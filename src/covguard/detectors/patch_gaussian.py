@@ -171,20 +171,8 @@ class PatchGaussian:
         return out
 
     def raw_map(self, f: Tensor, groups: GroupRows | None) -> Tensor:
-        """Squared distance of every patch (less the background's), unchecked: the map of
-        :meth:`distance_map` before its non-finite values are inspected.
-
-        Parameters
-        ----------
-        f : Tensor of shape (N, C, H, W)
-        groups : GroupRows, optional
-            Weight of each group in each image's distance (None: the one group).
-
-        Returns
-        -------
-        Tensor of shape (N, H', W')
-            In the features' dtype, or float64 where the form needs it.
-        """
+        """Squared distance of every patch (less the background's), unchecked: the map (N, H', W')
+        of :meth:`distance_map` (same arguments) before its non-finite values are inspected."""
         self.check_map(f)
         return self._map(self._prepare(f), self._forms_for(f.dtype, f.device), groups)
 
