@@ -105,8 +105,10 @@ def _fit_lines(results: Mapping) -> list[str]:
     cfg = results["config"]
     return [
         "## Fit throughput", "",
-        f"Streaming fit time per image (slope between {cfg['fit_batches'][0]} and {cfg['fit_batches'][1]} batches of "
-        f"{cfg['batch_size']}, medians of {cfg['repeats']} repeats) against one bare forward per image of the same batches.", "",
+        f"Streaming fit time per image (forward with the taps and `partial_fit`, batches {cfg['fit_batches'][0] + 1} to "
+        f"{cfg['fit_batches'][1]} of {cfg['batch_size']} images, medians of {cfg['repeats']} repeats) against one bare forward "
+        "per image of the same batches. The covariance estimation at the end of a fit (eigendecompositions) is a cost per fit, "
+        "not per image, and is not in these numbers.", "",
         markdown_table(rows, list(rows[0])), "",
     ]
 

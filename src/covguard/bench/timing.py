@@ -11,9 +11,9 @@ One run measures, on randomly initialized CIFAR ResNets (timing does not depend 
   (:class:`~covguard.bench.naive.NaiveReference`); ``speedup = naive overhead / overhead`` is the
   measured ratio of scoring costs, and ``max rel err`` how far the two paths' layer scores differ
   (float32).
-- **Fit**: time per image of the streaming fit (the slope between two loader sizes, so the
-  one-off covariance estimation and the standardization pass cancel) against one bare forward
-  per image of the same batches.
+- **Fit**: time per image of the streaming fit (taps and ``partial_fit``; the one-off covariance
+  estimation and standardization are a cost per fit) against one bare forward per image of the
+  same batches.
 - **Memory**: peak resident memory of fitting, each measurement in a fresh subprocess so that
   peaks do not mix (:mod:`covguard.bench.timing_memory`).
 

@@ -5,8 +5,9 @@
   ``overhead = t(forward + detector) / t(forward) - 1``, the median over repeats of the
   per-repeat ratio (robust to load that drifts across a run). The naive reference
   (:class:`~covguard.bench.naive.NaiveReference`) is timed in the same repeats.
-- :func:`time_fit`: time per image of the streaming fit (the slope between two loader sizes, so
-  the one-off covariance estimation and the standardization pass cancel) against one bare
+- :func:`time_fit`: time per image of the streaming fit (forward with the feature taps and
+  ``partial_fit`` on the batches after the first; the one-off covariance estimation and
+  standardization of ``finish_fit`` are a cost per fit, not per image) against one bare
   forward per image of the same batches.
 
 Models are randomly initialized (timing does not depend on the weights); timings are wall clock
@@ -27,6 +28,7 @@ from tqdm.auto import tqdm
 
 from covguard.bench.naive import NaiveReference, max_relative_error
 from covguard.detectors import ClassMahalanobis, PatchMahalanobis, SimpleMahalanobis
+from covguard.features import FeatureTap, eval_mode
 from covguard.models import MODELS
 
 __all__ = [
@@ -273,7 +275,9 @@ def time_fit(
     model_name: str, model: nn.Module, batch_size: int, batches: tuple[int, int], repeats: int, device: torch.device, channels_last: bool,
     builders: dict[str, Callable[[], PatchMahalanobis]] | None = None,
 ) -> list[FitTiming]:
-    """Streaming-fit time per image: slope of ``fit`` time between two loader sizes, vs forward.
+    """Streaming-fit time per image, vs forward: a fresh detector is fed ``small`` batches
+    untimed (its accumulators allocated), then the ``large - small`` next batches are timed
+    through the taps and ``partial_fit``, alternating with bare forwards of the same batches.
 
     ``builders``: detector name -> a function returning an unfitted detector of ``model``
     (default: Simple and Class with diagonal forms on :data:`MODEL_LAYERS`).
@@ -281,7 +285,6 @@ def time_fit(
     layers = MODEL_LAYERS.get(model_name, ())
     small, large = batches
     loader = _loader(large, batch_size, seed=5, device=device, channels_last=channels_last)
-    holdout = [_images(2, seed=6, device=device, channels_last=channels_last)]
     rows = []
 
     def forward_extra() -> float:
@@ -297,14 +300,26 @@ def time_fit(
         "simple": lambda: SimpleMahalanobis(model, layers=layers, covariance="diag", fit_positions=1.0),
         "class": lambda: ClassMahalanobis(model, layers=layers, covariance="diag", fit_positions=1.0),
     }
+    def stream(det: PatchMahalanobis, part: Sequence) -> None:
+        with torch.no_grad(), eval_mode(model), FeatureTap(model, det.layers) as tap:
+            for x, y in part:
+                det.partial_fit(*tap(x), y)
+
+    def stream_extra(build: Callable[[], PatchMahalanobis]) -> float:
+        det = build()
+        stream(det, loader[:small])  # untimed: allocates the accumulators
+        _sync(device)
+        tic = time.perf_counter()
+        stream(det, loader[small:])
+        _sync(device)
+        return time.perf_counter() - tic
+
     for name, build in builders.items():
-        fit_small = timer(lambda: build().fit(loader[:small], holdout=holdout, progress=False), device, 1)
-        fit_large = timer(lambda: build().fit(loader, holdout=holdout, progress=False), device, 1)
         fwd, fit = [], []
-        fit_small()  # warm-up
+        stream_extra(build)  # warm-up
         for _ in range(repeats):
             fwd.append(forward_extra())
-            fit.append(fit_large() - fit_small())
+            fit.append(stream_extra(build))
         images = (large - small) * batch_size
         f_ms, t_ms = 1e3 * _median(fwd) / images, 1e3 * _median(fit) / images
         rows.append(FitTiming(model_name, device_name(device), name, batch_size, images, f_ms, t_ms, f_ms / t_ms))
