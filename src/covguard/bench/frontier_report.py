@@ -86,7 +86,7 @@ def _default_lines(results: Mapping) -> list[str]:
     } for kind, d in results["default"].items()]
     return [
         "## The default, chosen on validation data and measured cost", "",
-        f"Rule (fixed before the run): among the forms whose overhead at batch 256 is at most "
+        f"Rule: among the forms whose overhead at batch 256 is at most "
         f"{100 * cfg['overhead_budget']:.0f} % on {', '.join(_budget_models(cfg))}, the highest validation AUROC "
         "(none within: the highest overall, flagged); then the smallest "
         f"share of patch positions per fit image whose validation AUROC is within {100 * cfg['positions_tolerance']:.1f} "
