@@ -119,3 +119,15 @@ def test_empty_class_is_a_clear_error_not_nan():
 def test_update_rejects_bad_input(x, weights, match):
     with pytest.raises(ValueError, match=match):
         StreamingMoments(2, n_groups=2).update(x, weights)
+
+
+def test_grouped_updates_never_write_into_moments_they_were_given():
+    x, w = torch.randn(40, 3, dtype=torch.float64), torch.rand(40, 2, dtype=torch.float64)
+    given = StreamingMoments(3, n_groups=2).update(x[:20], w[:20])
+    acc = StreamingMoments(3, n_groups=2).merge(given)  # holds given's moments
+    before = given.moments.scatter.clone()
+    acc.update(x[20:], w[20:])
+    assert torch.equal(given.moments.scatter, before)
+    ref = StreamingMoments(3, n_groups=2).update(x, w).moments
+    torch.testing.assert_close(acc.moments.scatter, ref.scatter, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(acc.moments.mean, ref.mean, rtol=1e-12, atol=1e-12)

@@ -259,6 +259,7 @@ class StreamingMoments:
         self.n_groups = n_groups
         self.reduce_dtype = reduce_dtype
         self.moments: Moments | None = None
+        self._owned: Moments | None = None  # the moments this accumulator made, safe to update in place
 
     def update(self, x: Tensor, weights: Tensor | None = None, *, check_finite: bool = True) -> StreamingMoments:
         """Add a batch.
@@ -292,9 +293,31 @@ class StreamingMoments:
                 raise ValueError("weights must be finite and non-negative")
         if x.shape[0] == 0:
             return self
+        if weights is not None and self.moments is not None:
+            self._add_groups(x.to(self.reduce_dtype), weights)
+            return self
         batch = batch_moments(x.to(self.reduce_dtype), weights)
         self.moments = batch if self.moments is None else merge_moments(self.moments, batch)
+        self._owned = self.moments
         return self
+
+    def _add_groups(self, x: Tensor, weights: Tensor) -> None:
+        """Merge a weighted batch (M, D), (M, K) into the running moments group by group, in place
+        (Chan's formula): no (K, D, D) batch scatter, only one (D, D) per group present."""
+        if self.moments is not self._owned:  # moments set from outside: never written in place
+            self.moments = Moments(self.moments.n.clone(), self.moments.mean.clone(), self.moments.scatter.clone())
+            self._owned = self.moments
+        n, mean, scatter = self.moments.n, self.moments.mean, self.moments.scatter
+        for k in (weights > 0).any(0).nonzero().flatten().tolist():
+            rows = (weights[:, k] > 0).nonzero().flatten()
+            w = weights[rows, k]
+            n_b = w.double().sum()
+            mean_b, scatter_b = _centered_moments(x[rows], w.to(x.dtype))  # (D,), (D, D) float64
+            total = n[k] + n_b
+            delta = mean_b - mean[k]  # (D,)
+            scatter[k].add_(scatter_b).addr_(delta * (n[k] * n_b / total), delta)
+            mean[k].add_(delta * (n_b / total))
+            n[k] = total
 
     def merge(self, other: StreamingMoments) -> StreamingMoments:
         """Merge another accumulator (e.g. from another data shard) into this one; returns ``self``."""
@@ -315,4 +338,5 @@ class StreamingMoments:
         """
         local = self.moments if self.moments is not None else zero_moments(self.dim, self.n_groups, device=device)
         self.moments = all_reduce_moments(local, group=group)
+        self._owned = self.moments
         return self
