@@ -17,6 +17,7 @@ import torch.multiprocessing as mp
 from conftest import make_images
 
 import covguard as cg
+from covguard import stats
 from covguard.stats import StreamingMoments, all_reduce_moments, batch_moments
 
 WORLD = 2
@@ -37,7 +38,8 @@ def data():
     """Training and held-out images split unevenly between the ranks; "all" holds the same batches.
 
     The single process sees exactly the batches the ranks see, in one thread as they run: float32
-    activations are then bit-identical and only the float64 merge differs.
+    activations are then bit-identical and, with every batch reduced on its own (:func:`merge_each_batch`),
+    only the float64 merge differs.
     """
     x, y = make_images(240, seed=1)
     hold, hold_y = make_images(60, seed=2)
@@ -47,6 +49,12 @@ def data():
         (loader(x[cut:], y[cut:], 64), [(hold[hcut:], hold_y[hcut:])]),
     ]
     return {"all": (shards[0][0] + shards[1][0], shards[0][1] + shards[1][1]), "shards": shards}
+
+
+def merge_each_batch() -> None:
+    """Reduce every batch on its own: chunks of held-back batches would differ between a rank and the
+    single process, and float32 rounding with them (tests/test_stats.py checks chunked reductions)."""
+    stats._PENDING_BYTES = 1
 
 
 @contextlib.contextmanager
@@ -69,6 +77,7 @@ def build(model, kind):
 
 def worker(rank, port, model, out):
     torch.set_num_threads(1)
+    merge_each_batch()
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60)
     )
@@ -106,6 +115,11 @@ def worker(rank, port, model, out):
         with open(f"{out}/report-rank{rank}.json", "w") as handle:
             json.dump(report, handle)
         dist.destroy_process_group()
+
+
+@pytest.fixture(autouse=True)
+def reference_merges_each_batch(monkeypatch):
+    monkeypatch.setattr(stats, "_PENDING_BYTES", 1)
 
 
 @pytest.fixture(scope="module")

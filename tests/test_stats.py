@@ -4,7 +4,16 @@ import numpy as np
 import pytest
 import torch
 
+from covguard import stats
 from covguard.stats import StreamingMoments, batch_moments, merge_moments
+
+
+@pytest.fixture(autouse=True, params=["merge every batch", "hold batches back"])
+def pending_bytes(request, monkeypatch):
+    """Run every test with batches merged one by one and with batches reduced in chunks."""
+    if request.param == "merge every batch":
+        monkeypatch.setattr(stats, "_PENDING_BYTES", 1)
+    return request.param
 
 
 def unfold_np(feats: np.ndarray, k: int = 3) -> np.ndarray:
@@ -131,3 +140,30 @@ def test_grouped_updates_never_write_into_moments_they_were_given():
     ref = StreamingMoments(3, n_groups=2).update(x, w).moments
     torch.testing.assert_close(acc.moments.scatter, ref.scatter, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(acc.moments.mean, ref.mean, rtol=1e-12, atol=1e-12)
+
+
+def test_held_back_batches_are_copies_and_reading_midstream_changes_nothing():
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(120, 4)) + 7
+    w = np.eye(3)[rng.integers(0, 3, size=120)]
+    acc = StreamingMoments(4, n_groups=3)
+    for s in range(0, 120, 30):
+        batch = torch.from_numpy(x[s : s + 30].copy())
+        acc.update(batch, torch.from_numpy(w[s : s + 30]))
+        batch.fill_(1e6)  # the caller reuses its buffer
+        if s == 30:
+            assert acc.moments.n.sum().item() == 60  # a read reduces what is held back
+    cov = acc.moments.covariance()
+    for k in range(3):
+        ref = x[w[:, k] > 0]
+        assert rel_err(cov[k], np.cov(ref, rowvar=False, bias=True)) < 1e-10
+
+
+def test_moments_cannot_be_replaced_while_batches_are_held_back(pending_bytes):
+    acc = StreamingMoments(2).update(torch.randn(5, 2))
+    if pending_bytes == "hold batches back":
+        with pytest.raises(ValueError, match="held back"):
+            acc.moments = batch_moments(torch.randn(3, 2))
+    assert acc.moments.n.item() == 5
+    acc.moments = batch_moments(torch.ones(3, 2, dtype=torch.float64))  # after a read, allowed
+    assert acc.moments.n.item() == 3

@@ -228,8 +228,17 @@ def all_reduce_moments(moments: Moments, *, group: object | None = None) -> Mome
     return Moments(n, mean, scatter)
 
 
+# Rows held back before a merge: every merge writes K (D, D) scatters, so a stream of small
+# batches (a few positions per image, many groups) is reduced in chunks of about this size.
+_PENDING_BYTES = 64 << 20
+
+
 class StreamingMoments:
     """Accumulate the moments of ``K`` groups of vectors over a stream of batches.
+
+    Batches are held back (up to about 64 MiB of rows) and reduced together, so that the cost of
+    merging into the ``K`` running (D, D) scatters is paid per chunk, not per batch. Reading
+    :attr:`moments` reduces what is held back.
 
     Parameters
     ----------
@@ -238,8 +247,8 @@ class StreamingMoments:
     n_groups : int, default 1
         Number of groups ``K`` (classes).
     reduce_dtype : torch.dtype, default torch.float64
-        Dtype in which each centered batch is reduced before the float64 merge. float32 is
-        faster on accelerators and loses about 1e-6 relative accuracy on large batches.
+        Dtype in which each centered chunk is reduced before the float64 merge. float32 is
+        faster on accelerators and loses about 1e-6 relative accuracy on large chunks.
 
     Examples
     --------
@@ -258,8 +267,22 @@ class StreamingMoments:
         self.dim = dim
         self.n_groups = n_groups
         self.reduce_dtype = reduce_dtype
-        self.moments: Moments | None = None
+        self._moments: Moments | None = None
         self._owned: Moments | None = None  # the moments this accumulator made, safe to update in place
+        self._pending: list[tuple[Tensor, Tensor | None]] = []  # batches (M, D), (M, K) not reduced yet
+        self._pending_bytes = 0
+
+    @property
+    def moments(self) -> Moments | None:
+        """The moments of every batch added so far (float64), or None before the first."""
+        self._flush()
+        return self._moments
+
+    @moments.setter
+    def moments(self, value: Moments | None) -> None:
+        if self._pending:
+            raise ValueError("moments cannot be replaced while batches are held back; read moments first")
+        self._moments = value
 
     def update(self, x: Tensor, weights: Tensor | None = None, *, check_finite: bool = True) -> StreamingMoments:
         """Add a batch.
@@ -293,21 +316,37 @@ class StreamingMoments:
                 raise ValueError("weights must be finite and non-negative")
         if x.shape[0] == 0:
             return self
-        if weights is not None and self.moments is not None:
-            self._add_groups(x.to(self.reduce_dtype), weights)
-            return self
-        batch = batch_moments(x.to(self.reduce_dtype), weights)
-        self.moments = batch if self.moments is None else merge_moments(self.moments, batch)
-        self._owned = self.moments
+        held = x.to(self.reduce_dtype, copy=True)  # never a view of the caller's tensor
+        self._pending.append((held, None if weights is None else weights.clone()))
+        self._pending_bytes += held.numel() * held.element_size()
+        if self._pending_bytes >= _PENDING_BYTES:
+            self._flush()
         return self
 
+    def _flush(self) -> None:
+        """Reduce the batches held back and merge them into the running moments."""
+        if not self._pending:
+            return
+        xs, ws = zip(*self._pending)
+        self._pending, self._pending_bytes = [], 0
+        x = torch.cat(xs) if len(xs) > 1 else xs[0]
+        weights = None
+        if any(w is not None for w in ws):
+            weights = torch.cat([x_.new_ones(x_.shape[0], 1) if w is None else w for x_, w in zip(xs, ws)])
+        if self._moments is None:
+            self._moments = self._owned = batch_moments(x, weights)
+        elif weights is None:
+            self._moments = self._owned = merge_moments(self._moments, batch_moments(x))
+        else:
+            self._add_groups(x, weights)
+
     def _add_groups(self, x: Tensor, weights: Tensor) -> None:
-        """Merge a weighted batch (M, D), (M, K) into the running moments group by group, in place
-        (Chan's formula): no (K, D, D) batch scatter, only one (D, D) per group present."""
-        if self.moments is not self._owned:  # moments set from outside: never written in place
-            self.moments = Moments(self.moments.n.clone(), self.moments.mean.clone(), self.moments.scatter.clone())
-            self._owned = self.moments
-        n, mean, scatter = self.moments.n, self.moments.mean, self.moments.scatter
+        """Merge a weighted chunk (M, D), (M, K) into the running moments group by group, in place
+        (Chan's formula): no (K, D, D) chunk scatter, only one (D, D) per group present."""
+        if self._moments is not self._owned:  # moments set from outside: never written in place
+            self._moments = Moments(self._moments.n.clone(), self._moments.mean.clone(), self._moments.scatter.clone())
+            self._owned = self._moments
+        n, mean, scatter = self._moments.n, self._moments.mean, self._moments.scatter
         for k in (weights > 0).any(0).nonzero().flatten().tolist():
             rows = (weights[:, k] > 0).nonzero().flatten()
             w = weights[rows, k]
@@ -325,8 +364,9 @@ class StreamingMoments:
             raise ValueError(
                 f"other must have dim={self.dim}, n_groups={self.n_groups}; got dim={other.dim}, n_groups={other.n_groups}"
             )
-        if other.moments is not None:
-            self.moments = other.moments if self.moments is None else merge_moments(self.moments, other.moments)
+        theirs, mine = other.moments, self.moments
+        if theirs is not None:
+            self._moments = theirs if mine is None else merge_moments(mine, theirs)
         return self
 
     def all_reduce(self, *, group: object | None = None, device: torch.device | str | None = None) -> StreamingMoments:
@@ -337,6 +377,5 @@ class StreamingMoments:
         Returns ``self``.
         """
         local = self.moments if self.moments is not None else zero_moments(self.dim, self.n_groups, device=device)
-        self.moments = all_reduce_moments(local, group=group)
-        self._owned = self.moments
+        self._moments = self._owned = all_reduce_moments(local, group=group)
         return self

@@ -277,7 +277,8 @@ def time_fit(
 ) -> list[FitTiming]:
     """Streaming-fit time per image, vs forward: a fresh detector is fed ``small`` batches
     untimed (its accumulators allocated), then the ``large - small`` next batches are timed
-    through the taps and ``partial_fit``, alternating with bare forwards of the same batches.
+    through the taps and ``partial_fit``, up to the reduction of every batch the accumulators
+    hold back, alternating with bare forwards of the same batches.
 
     ``builders``: detector name -> a function returning an unfitted detector of ``model``
     (default: Simple and Class with diagonal forms on :data:`MODEL_LAYERS`).
@@ -304,6 +305,8 @@ def time_fit(
         with torch.no_grad(), eval_mode(model), FeatureTap(model, det.layers) as tap:
             for x, y in part:
                 det.partial_fit(*tap(x), y)
+        if det.exact_moments and det.fit_passes == 1:
+            det.accumulated_moments()  # reduces the batches the moment accumulators hold back
 
     def stream_extra(build: Callable[[], PatchMahalanobis]) -> float:
         det = build()
