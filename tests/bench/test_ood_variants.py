@@ -43,14 +43,15 @@ def sweep(rgb_model):
     fit, hold = split_train(train, n_holdout=cfg.n_holdout, max_train=None, seed=cfg.seed, batch_size=cfg.batch_size)
     common = {"layers": ["block1", "block2"], "keep_moments": True, "covariance": "full", "fit_positions": 1.0}
     detectors = {"simple_mahalanobis": cg.SimpleMahalanobis(rgb_model, **common), HEADLINE: cg.ClassMahalanobis(rgb_model, **common)}
-    fit_detectors(list(detectors.values()), fit, holdout=hold, progress=False)
+    own = {name: detectors[base].clone(keep_moments=False, **changes) for name, (base, changes) in OWN_FIT_VARIANTS.items()}
+    fit_detectors([*detectors.values(), *own.values()], fit, holdout=hold, progress=False)
     x_id = as_uint8(rgb_images(60, seed=2)[0]).float() / 255
     ood = {"shifted": as_uint8((rgb_images(60, seed=3)[0] + 0.3).clamp(0, 1)), "noise": as_uint8(torch.rand(60, 3, 8, 8))}
     sets = {"id": (as_uint8(x_id), None), "ood": ood}
     id_scores = {name: (det.score(x_id), {}) for name, det in detectors.items()}
     metrics = {s: {name: {"auroc": evaluate(id_scores[name][0], det.score(imgs.float() / 255)).auroc} for name, det in detectors.items()}
                for s, imgs in ood.items()}
-    return _variant_sweep(detectors, train, sets, x_id, id_scores, metrics, cfg), metrics
+    return _variant_sweep(detectors, own, train, sets, x_id, id_scores, metrics, cfg), metrics
 
 
 def test_sweep_covers_every_variant_and_selects_by_likelihood(sweep):

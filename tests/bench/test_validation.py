@@ -43,11 +43,13 @@ def test_grids_are_openood_sweeps_with_vim_adapted_and_our_variants():
     }
     assert set(BASELINES) < set(GRIDS)
     layers = ("all", *CIFAR_LAYERS)
-    assert GRIDS["simple_mahalanobis"] == {"variant": tuple(v for v in VARIANTS if v.startswith("simple/")), "layers": layers}
+    assert GRIDS["simple_mahalanobis"] == {
+        "variant": (*(v for v in VARIANTS if v.startswith("simple/")), "simple/full/mean/normalized"), "layers": layers}
     assert GRIDS["class_mahalanobis"]["variant"] == (
         "class-top1/full/mean", "class-top1/full-oas/mean", "class-top1/diag/mean", "class-top1/lowrank-16/mean",
         "class-top1/lowrank-64/mean", "class-top1/full/max", "class-top1/full/top10", "class-mixture/full/mean",
         "class-top1/full/mean/relative", "class-top1/full/mean/fusion-max", "class-top1/full/mean/fusion-gaussian",
+        "class-top1/full/mean/normalized",
     )
     assert GRIDS["class_penultimate_original"] == {}
     for grid in GRIDS.values():  # every grid value is a constructor parameter of the method (or ours)
@@ -59,7 +61,7 @@ def test_grid_points_are_the_product_in_order():
     assert len(points) == 8 and points[0] == {"temperature": 1.0, "noise": 0.0014} and points[1]["noise"] == 0.0028
     assert grid_points({}) == [{}] and point_label({}) == "default"
     assert point_label(points[-1]) == "temperature=1000, noise=0.0028"
-    assert len(grid_points(GRIDS["class_mahalanobis"])) == 11 * 5
+    assert len(grid_points(GRIDS["class_mahalanobis"])) == 12 * 5
 
 
 def test_id_val_split_is_disjoint_and_reproducible():
@@ -163,6 +165,7 @@ def test_ood_validation_protocol_end_to_end(ood_run):
         assert sel["val_auroc"] == max(sel["grid_auroc"].values())
         assert len(sel["grid_auroc"]) == len(grid_points(GRIDS[method]))
     assert set(selection["class_mahalanobis"]["config"]) == {"variant", "layers"}
+    assert "variant=class-top1/full/mean/normalized, layers=all" in selection["class_mahalanobis"]["grid_auroc"]
     assert set(model["validation"]["metrics"]["tin"]) == set(GRIDS)
     assert json.loads((out / "results.json").read_text())["config"]["protocol"] == "validation"
     md = (out / "results.md").read_text()

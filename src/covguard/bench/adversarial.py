@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from covguard.attacks import ATTACKS, success_mask
 from covguard.bench.adversarial_report import HEADLINE, render_markdown
-from covguard.bench.common import accuracy, fit_on_train, predict, split_train
+from covguard.bench.common import OWN_FIT_VARIANTS, accuracy, fit_on_train, predict, split_train
 from covguard.bench.own_data import CifarCheckpoints
 from covguard.bench.validation import ValidationSplit, check_protocol, choose_and_score, grid_clones, report_config, validation_split
 from covguard.data.registry import load_set
@@ -109,8 +109,10 @@ def _run_model(name: str, cfg: AdversarialConfig, models, train, test, split: Va
     detectors, sizes = fit_on_train(
         model, train, baselines=cfg.baselines, covariance=cfg.covariance, n_holdout=cfg.n_holdout,
         max_train=cfg.max_train, seed=cfg.seed, batch_size=cfg.batch_size, keep_moments=split is not None,
-        also_fit=list(clones.values()), progress=cfg.progress, taps=taps,
+        also_fit=list(clones.values()), own_fit=OWN_FIT_VARIANTS if split is not None else {}, progress=cfg.progress,
+        taps=taps,
     )
+    own = {name: detectors.pop(name) for name in OWN_FIT_VARIANTS if name in detectors}  # validation grid points
     seconds["fit"] = time.perf_counter() - tic
 
     tic = time.perf_counter()
@@ -140,8 +142,8 @@ def _run_model(name: str, cfg: AdversarialConfig, models, train, test, split: Va
     if split is not None:
         tic = time.perf_counter()
         _, hold = split_train(train, n_holdout=cfg.n_holdout, max_train=cfg.max_train, seed=cfg.seed, batch_size=cfg.batch_size)
-        selection, scorers["validation"] = choose_and_score(detectors, clones, split, hold, batch_size=cfg.batch_size,
-                                                            progress=cfg.progress)
+        selection, scorers["validation"] = choose_and_score({**detectors, **own}, clones, split, hold,
+                                                            batch_size=cfg.batch_size, progress=cfg.progress)
         clean["validation"] = scorers["validation"](x)
         block, raw_chosen = _score_attacks(name, scorers["validation"], clean["validation"], adversarials, success)
         blocks["validation"] = {"selection": selection, "metrics": block["metrics"]}

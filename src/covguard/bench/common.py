@@ -273,6 +273,7 @@ def fit_on_train(
     mixture: bool = True,
     keep_moments: bool = False,
     also_fit: Sequence[Detector] = (),
+    own_fit: Mapping[str, tuple[str, dict]] = MappingProxyType({}),
     derived: Mapping[str, tuple[str, dict]] = MappingProxyType({}),
     progress: bool = True,
     taps: Taps = CIFAR_TAPS,
@@ -283,6 +284,8 @@ def fit_on_train(
     the fit and only standardize the layer scores; the rest (at most ``max_train``) fit every
     detector. ``also_fit``: more detectors of the same model fitted in the same passes over the
     data (the grid points of the validation protocol); they are fitted in place, not returned.
+    ``own_fit``: name -> (patch detector, changes), clones of our detectors with other statistics
+    (:data:`OWN_FIT_VARIANTS`), fitted in the same passes and returned under their names.
     ``derived``: name -> (fitted detector, changes), more detectors derived from fitted ones with
     ``refit`` (another scoring or layer fusion; no pass over the fit data), standardized on the
     held-out images. ``taps``: the layers of the patch detectors and baselines (default: the CIFAR
@@ -301,6 +304,7 @@ def fit_on_train(
                           feature_layer=taps.feature_layer),
         **taps.baselines_of(model, baselines),
     }
+    detectors.update({name: detectors[base].clone(**{"keep_moments": False, **changes}) for name, (base, changes) in own_fit.items()})
     fit_detectors([*detectors.values(), *also_fit], fit_loader, holdout=hold_loader, progress=progress)
     if mixture:
         add_mixture(detectors, hold_loader, progress=progress)

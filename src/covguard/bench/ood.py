@@ -13,8 +13,8 @@
   validation protocol, each method's configuration chosen on ID-val vs OOD-val
   (:mod:`covguard.bench.validation`). The variant sweep (covariance form, shrinkage, rank,
   aggregation, class scoring, relative distances, layer fusion) derives every form from the same
-  fitted moments; normalized features (``OWN_FIT_VARIANTS``) need their own fit. Its ID-only selection rule: per
-  detector (Simple, Class top-1), the covariance form with the highest mean Gaussian
+  fitted moments; normalized features (``OWN_FIT_VARIANTS``) are fitted alongside, in the same
+  passes. Its ID-only selection rule: per detector (Simple, Class top-1), the covariance form with the highest mean Gaussian
   log-likelihood of held-out in-distribution patches (per dimension, averaged over layers),
   with mean aggregation (the i.i.d.-patch likelihood) and top-1 class scoring fixed in advance.
 - Metrics as OpenOOD v1.5: AUROC and FPR@95%TPR (both conventions), AUPR-In/Out, per set,
@@ -45,7 +45,7 @@ from covguard.data.images import jpeg_matched
 from covguard.data.registry import load_set
 from covguard.data.synthetic import blank_frames, gaussian_noise, uniform_noise
 from covguard.detectors.likelihood import log_likelihood
-from covguard.detectors.multi import fit_detectors, score_detectors
+from covguard.detectors.multi import score_detectors
 from covguard.metrics import evaluate, fpr_at_95tpr_ood_positive
 from covguard.html_report import add_html_report
 from covguard.report import markdown_table, plot_histograms, plot_roc, write_json
@@ -129,8 +129,10 @@ def _run_model(name: str, cfg: OODConfig, models, train, sets: dict) -> dict:
     detectors, sizes = fit_on_train(
         model, train, baselines=cfg.baselines, covariance=cfg.covariance, n_holdout=cfg.n_holdout,
         max_train=cfg.max_train, seed=cfg.seed, batch_size=cfg.batch_size, mixture=cfg.mixture,
-        keep_moments=cfg.variants or split is not None, also_fit=list(clones.values()), progress=cfg.progress, taps=taps,
+        keep_moments=cfg.variants or split is not None, also_fit=list(clones.values()),
+        own_fit=OWN_FIT_VARIANTS if cfg.variants or split is not None else {}, progress=cfg.progress, taps=taps,
     )
+    own = {name: detectors.pop(name) for name in OWN_FIT_VARIANTS if name in detectors}  # the sweep and the grid's
     seconds["fit"] = time.perf_counter() - tic
     result, raw = {"id_accuracy": id_accuracy, **sizes}, {}
     if "fixed" in protocols:
@@ -143,12 +145,13 @@ def _run_model(name: str, cfg: OODConfig, models, train, sets: dict) -> dict:
     result["seconds"] = seconds
     if cfg.variants:
         tic = time.perf_counter()
-        result["variants"] = _variant_sweep(detectors, train, sets, x_id, id_scores, metrics, cfg)
+        result["variants"] = _variant_sweep(detectors, own, train, sets, x_id, id_scores, metrics, cfg)
         seconds["variants"] = time.perf_counter() - tic
     if split is not None:
         tic = time.perf_counter()
         _, hold = split_train(train, n_holdout=cfg.n_holdout, max_train=cfg.max_train, seed=cfg.seed, batch_size=cfg.batch_size)
-        selection, scorer = choose_and_score(detectors, clones, split, hold, batch_size=cfg.batch_size, progress=cfg.progress)
+        selection, scorer = choose_and_score({**detectors, **own}, clones, split, hold, batch_size=cfg.batch_size,
+                                             progress=cfg.progress)
         metrics, _, raw_chosen = _evaluate_sets(scorer, scorer(x_id), sets["ood"])
         result["validation"] = {"selection": selection, "metrics": metrics}
         raw = raw or raw_chosen
@@ -173,10 +176,11 @@ def _evaluate_sets(scorer: Callable, id_scores: dict, ood_sets: dict) -> tuple[d
     return metrics, layer_auroc, raw
 
 
-def _variant_sweep(detectors: dict, train, sets: dict, x_id: Tensor, id_scores: dict, metrics: dict, cfg: OODConfig) -> dict:
+def _variant_sweep(detectors: dict, own: dict, train, sets: dict, x_id: Tensor, id_scores: dict, metrics: dict,
+                   cfg: OODConfig) -> dict:
     """Per variant: held-out log-likelihood (the ID-only criterion; None for relative distances,
-    which have no density) and AUROC per OOD set."""
-    fit, hold = split_train(train, n_holdout=cfg.n_holdout, max_train=cfg.max_train, seed=cfg.seed, batch_size=cfg.batch_size)
+    which have no density) and AUROC per OOD set. ``own``: the fitted :data:`OWN_FIT_VARIANTS`."""
+    _, hold = split_train(train, n_holdout=cfg.n_holdout, max_train=cfg.max_train, seed=cfg.seed, batch_size=cfg.batch_size)
     criterion_images = hold.images[: cfg.n_criterion].float() / 255
     built, same_as = {}, {}
     for name, (base, changes) in VARIANTS.items():
@@ -184,8 +188,6 @@ def _variant_sweep(detectors: dict, train, sets: dict, x_id: Tensor, id_scores: 
             same_as[name] = base
         else:
             built[name] = detectors[base].refit(holdout=hold, progress=cfg.progress, **changes)
-    own = {name: detectors[base].clone(**{"keep_moments": False, **changes}) for name, (base, changes) in OWN_FIT_VARIANTS.items()}
-    fit_detectors(list(own.values()), fit, holdout=hold, progress=cfg.progress)
     built.update(own)
     every = {**{n: detectors[b] for n, b in same_as.items()}, **built}
     out = {}

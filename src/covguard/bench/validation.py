@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor
 
-from covguard.bench.common import CIFAR_LAYERS, VARIANTS
+from covguard.bench.common import CIFAR_LAYERS, OWN_FIT_VARIANTS, VARIANTS
 from covguard.data.images import ImageSet
 from covguard.detectors.base import Detector
 from covguard.detectors.knn import KNN
@@ -86,13 +86,16 @@ LAYER_CHOICES = ("all", *CIFAR_LAYERS)
 #: keeps T = 1 (OpenOOD sweeps nothing); MSP, MaxLogit, MDS, RMDS have no hyperparameters.
 #:
 #: Ours: the variants of :data:`~covguard.bench.common.VARIANTS` (covariance form, aggregation,
-#: class scoring; ``refit`` from the fitted detectors) times :data:`LAYER_CHOICES`. "class" is one
+#: class scoring, layer fusion; ``refit`` from the fitted detectors) and of
+#: :data:`~covguard.bench.common.OWN_FIT_VARIANTS` (normalized features: fitted alongside, used
+#: where the caller fitted them) times :data:`LAYER_CHOICES`. "class" is one
 #: method whose grid holds top-1 and mixture scoring (so ``class_mahalanobis_mixture`` is no
 #: separate method here); ``class_penultimate_original`` is the original authors' committed
 #: configuration, scored as it is.
+_OURS = (*VARIANTS, *OWN_FIT_VARIANTS)
 GRIDS: dict[str, dict[str, tuple]] = {
-    "class_mahalanobis": {"variant": tuple(v for v in VARIANTS if v.startswith("class-")), "layers": LAYER_CHOICES},
-    "simple_mahalanobis": {"variant": tuple(v for v in VARIANTS if v.startswith("simple/")), "layers": LAYER_CHOICES},
+    "class_mahalanobis": {"variant": tuple(v for v in _OURS if v.startswith("class-")), "layers": LAYER_CHOICES},
+    "simple_mahalanobis": {"variant": tuple(v for v in _OURS if v.startswith("simple/")), "layers": LAYER_CHOICES},
     "class_penultimate_original": {},
     "msp": {},
     "max_logit": {},
@@ -261,15 +264,25 @@ class Chosen:
 
 
 def _methods(detectors: Mapping[str, Detector]) -> list[str]:
-    """Methods of :data:`GRIDS` whose fitted detectors are all present."""
+    """Methods of :data:`GRIDS` whose fitted detectors are all present (own-fit variants aside)."""
     def sources(method):
-        return {VARIANTS[v][0] for v in GRIDS[method]["variant"]} if method in _PATCH_METHODS else {method}
+        return {VARIANTS[v][0] for v in GRIDS[method]["variant"] if v in VARIANTS} if method in _PATCH_METHODS else {method}
 
     return [m for m in GRIDS if sources(m) <= set(detectors)]
 
 
+def _points(method: str, detectors: Mapping[str, Detector]) -> list[dict]:
+    """The grid points of ``method``, without own-fit variants the caller did not fit."""
+    points = grid_points(GRIDS[method])
+    if method not in _PATCH_METHODS:
+        return points
+    return [p for p in points if p["variant"] not in OWN_FIT_VARIANTS or p["variant"] in detectors]
+
+
 def _candidate(method: str, point: dict, detectors, clones, holdout, progress: bool) -> Detector:
     """The fitted detector of a grid point (without the layer choice)."""
+    if method in _PATCH_METHODS and point["variant"] in OWN_FIT_VARIANTS:
+        return detectors[point["variant"]]
     if method in _PATCH_METHODS:
         source, changes = VARIANTS[point["variant"]]
         det = detectors[source]
@@ -297,8 +310,9 @@ def choose(
     Parameters
     ----------
     detectors : dict of str to Detector
-        The fitted detectors (``fit_on_train``): our patch detectors with ``keep_moments`` and the
-        baselines, by name. A method of :data:`GRIDS` is chosen when its detectors are present.
+        The fitted detectors (``fit_on_train``): our patch detectors with ``keep_moments``, the
+        baselines and any :data:`OWN_FIT_VARIANTS`, by name. A method of :data:`GRIDS` is chosen
+        when its detectors are present; an own-fit variant joins its grid when present.
     clones : dict
         :func:`grid_clones` of the baselines, fitted.
     holdout : iterable or None
@@ -316,7 +330,7 @@ def choose(
     methods = _methods(detectors)
     candidates, where = {}, {}  # candidate key -> detector; (method, full point label) -> (point, key, layer)
     for method in methods:
-        for point in grid_points(GRIDS[method]):
+        for point in _points(method, detectors):
             fit_point = {k: v for k, v in point.items() if k != "layers"}
             key = f"{method} | {point_label(fit_point)}"
             if key not in candidates:
@@ -379,8 +393,8 @@ def selection_markdown(results: dict) -> list[str]:
         "the TIN test set; every table of this report is scored without them, whatever its protocol. Every method keeps the grid point of highest validation AUROC (ID-val vs OOD-val; ties: first "
         "in grid order), then that one configuration is scored on every test set: no test set or attack chooses. Grids "
         "(`covguard.bench.validation.GRIDS`): OpenOOD v1.5's sweeps for the baselines (ViM's dim adapted to 64-d features: "
-        "16, 32, 48); ours: the variants (covariance form, aggregation, class scoring) times the layers (all fused, or one "
-        "alone). Cells: chosen point (validation AUROC %), per checkpoint.",
+        "16, 32, 48); ours: the variants (covariance form, aggregation, class scoring, layer fusion, and normalized "
+        "features where fitted) times the layers (all fused, or one alone). Cells: chosen point (validation AUROC %), per checkpoint.",
         "",
         markdown_table(rows, ["method", "grid size", *models]),
         "",
