@@ -300,7 +300,6 @@ def test_bad_options_exit_2_with_one_line(setup, tmp_path, capsys, change, match
 
 
 def test_bad_images_become_rows_and_names_stay_utf8(setup, tmp_path, monkeypatch):
-    root = setup[0]
     folder = tmp_path / "in"
     folder.mkdir()
     (folder / "good.png").write_bytes(setup[3]["img0.png"])

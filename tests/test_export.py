@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 import covguard as cg
 from covguard.cli import main
 from covguard.export import GuardedModel
-from conftest import TinyCNN, make_images
+from conftest import make_images
 
 pytestmark = pytest.mark.filterwarnings("ignore:calibrating on:UserWarning")
 LAYERS = ["block1", "block2"]

@@ -110,7 +110,6 @@ def test_tar_gives_the_same_guard_and_simple_needs_no_labels(setup, tmp_path, ca
 
 
 def test_fit_images_decode_as_covguard_score_does(setup, tmp_path):
-    root = setup[0]
     folder = write_folder(tmp_path / "mixed", n_per_class=4, sizes={(1, 2): (20, 24)})
     Image.open(folder / "b_bar" / "001.png").convert("RGB").save(folder / "b_bar" / "001.png")  # an RGB file
     with pytest.warns(UserWarning, match=r"1 of 12 images are not 16x16 \(sizes found: 16x16, 20x24\).*resized"):

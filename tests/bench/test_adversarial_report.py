@@ -29,3 +29,16 @@ def test_budget_sweep_columns_are_in_numeric_order():
     row = next(line for line in sweep.splitlines() if line.startswith("| msp |"))
     values = [float(v) for v in re.findall(r"\| ([\d.]+)", row)]
     assert values == [1.0, 2.0, 4.0, 8.0, 16.0]  # the cells moved with their headers
+
+
+def test_a_checkpoint_where_no_attack_succeeded_renders():
+    results = _results()
+    results["models"]["resnet44"].pop("sweep")
+    failed = {**results["models"]["resnet44"], "metrics": {}, "layer_auroc": {}}
+    results["models"] = {"resnet20": failed, **results["models"]}  # the first checkpoint has nothing scored
+    text = render_markdown(results)
+    assert "| class_mahalanobis_top1 | 90.0 |" in text.replace(" ± 0.0", "")
+    assert "| class_mahalanobis_top1 | layer1 | 95.0 |" in text
+    results["models"] = {"resnet20": failed}
+    text = render_markdown(results)
+    assert "No attack succeeded on two or more images of any checkpoint" in text and "## AUROC" not in text

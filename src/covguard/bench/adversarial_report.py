@@ -38,7 +38,7 @@ def render_markdown(results: dict) -> str:
     # Ours first (headline leading), then the baselines in the configured order (JSON sorts keys).
     order = [HEADLINE, "class_mahalanobis", "class_mahalanobis_mixture", "simple_mahalanobis", "class_penultimate_original",
              *cfg["baselines"]]
-    found = list(next(iter(main(first).values())))
+    found = list(dict.fromkeys(d for m in models.values() for per in main(m).values() for d in per))
     detectors = [d for d in order if d in found] + sorted(set(found) - set(order))
     own = results.get("own_sets")
     lines = [
@@ -65,11 +65,15 @@ def render_markdown(results: dict) -> str:
         ),
         "",
     ]
+    if not attacks:
+        lines += ["No attack succeeded on two or more images of any checkpoint: there is nothing to detect.", ""]
+        return "\n".join(lines)
     if "fixed" in protocols:
         lines += _protocol_tables(results, detectors, attacks, lambda m: m["metrics"], table_suffix(protocols, "fixed"))
         rows = []
-        for det in [d for d in detectors if d in first["layer_auroc"][attacks[0]]]:
-            layers = first["layer_auroc"][attacks[0]][det]
+        layer_auroc = next(m["layer_auroc"][attacks[0]] for m in models.values() if attacks[0] in m["layer_auroc"])
+        for det in [d for d in detectors if d in layer_auroc]:
+            layers = layer_auroc[det]
             for layer in sorted(layers, key=lambda k: (CIFAR_LAYERS.index(k) if k in CIFAR_LAYERS else len(CIFAR_LAYERS), k)):
                 row = {"detector": det, "layer": layer}
                 for attack in attacks:
