@@ -116,29 +116,45 @@ _SYMMETRIC_BLOCKS = 4
 _SYMMETRIC_MIN_DIM = 256  # below this a single product is faster
 
 
-def _centered_moments(x: Tensor, w: Tensor | None) -> tuple[Tensor, Tensor]:
-    """Weighted mean (D,) and scatter (D, D) of rows ``x`` (M, D), float64; reduced in the dtype of ``x``.
+def _power_of_two_scale(x: Tensor) -> tuple[Tensor, Tensor | None]:
+    """Rows (M, D) with each column divided by a power of two near its largest magnitude (exact),
+    and those scales (D,); float64 rows are returned as they are, with None.
 
-    Below float64, each column is first divided by a power of two near its largest magnitude
-    (exact), so that products of activations near 1e-30 or 1e30 neither underflow nor overflow
-    in float32; the scales are multiplied back in float64.
+    In float32, products of activations near 1e-30 or 1e30 would underflow or overflow; the
+    scales are multiplied back in float64.
     """
-    scale = None
-    if x.dtype != torch.float64:
-        _, exponent = torch.frexp(x.abs().amax(0))  # (D,)
-        scale = torch.ldexp(torch.ones_like(x[0]), exponent)  # (D,) powers of two
-        x = x / scale
+    if x.dtype == torch.float64:
+        return x, None
+    _, exponent = torch.frexp(x.abs().amax(0))  # (D,)
+    scale = torch.ldexp(torch.ones_like(x[0]), exponent)  # (D,) powers of two
+    return x / scale, scale
+
+
+def _center(x: Tensor, w: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Rows (M, D) centered on their weighted mean in the dtype of ``x``.
+
+    Returns the mean (D,) float64, the centered rows ``xc`` (M, D), the weighted centered rows
+    ``xw`` (M, D), the total weight () float64 and the residual mean of the centered rows (D,)
+    float64 (about the rounding error): the scatter is ``xw^T xc - total resid resid^T``.
+    """
     total = x.new_tensor(float(x.shape[0])) if w is None else w.sum()
     first = (x.sum(0) if w is None else w @ x) / total  # (D,) mean in the dtype of x
-    xc = x - first  # (M, D) centered in the dtype of x
+    xc = x - first  # (M, D)
     xw = xc if w is None else xc * w[:, None]  # (M, D)
-    resid = (xw.sum(0) / total).double()  # (D,) residual mean of the centered rows, ~ rounding error
-    scatter = _symmetric_product(xw, xc).double() - total.double() * resid[:, None] * resid[None, :]
-    mean = first.double() + resid
+    resid = (xw.sum(0) / total).double()  # (D,)
+    return first.double() + resid, xc, xw, total.double(), resid
+
+
+def _centered_moments(x: Tensor, w: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Weighted mean (D,) and scatter (D, D) of rows ``x`` (M, D), float64; reduced in the dtype of
+    ``x`` after :func:`_power_of_two_scale` and centering."""
+    x, scale = _power_of_two_scale(x)
+    mean, xc, xw, total, resid = _center(x, w)
+    scatter = _symmetric_product(xw, xc).double().addr_(resid * -total, resid)
     if scale is None:
         return mean, scatter
     s = scale.double()
-    return mean * s, scatter * s[:, None] * s[None, :]
+    return mean * s, scatter.mul_(s[:, None]).mul_(s[None, :])
 
 
 def _symmetric_product(a: Tensor, b: Tensor) -> Tensor:
@@ -342,21 +358,35 @@ class StreamingMoments:
 
     def _add_groups(self, x: Tensor, weights: Tensor) -> None:
         """Merge a weighted chunk (M, D), (M, K) into the running moments group by group, in place
-        (Chan's formula): no (K, D, D) chunk scatter, only one (D, D) per group present."""
+        (Chan's formula): no (K, D, D) chunk scatter; each group's product lands in one reused
+        (D, D) buffer and is added, scaled back, into its running scatter."""
         if self._moments is not self._owned:  # moments set from outside: never written in place
             self._moments = Moments(self._moments.n.clone(), self._moments.mean.clone(), self._moments.scatter.clone())
             self._owned = self._moments
         n, mean, scatter = self._moments.n, self._moments.mean, self._moments.scatter
+        x, scale = _power_of_two_scale(x)  # one scale per chunk, shared by its groups
+        s = None if scale is None else scale.double()
+        s_outer = None if s is None else torch.outer(s, s)  # (D, D)
+        product = x.new_empty(self.dim, self.dim)
         for k in (weights > 0).any(0).nonzero().flatten().tolist():
             rows = (weights[:, k] > 0).nonzero().flatten()
             w = weights[rows, k]
+            mean_b, xc, xw, total, resid = _center(x[rows], w.to(x.dtype))
+            if len(rows) >= self.dim:
+                product = _symmetric_product(xw, xc)
+            else:
+                torch.mm(xw.T, xc, out=product)
+            if s is None:
+                scatter[k].add_(product)
+            else:
+                scatter[k].addcmul_(product, s_outer)
+                mean_b, resid = mean_b * s, resid * s
             n_b = w.double().sum()
-            mean_b, scatter_b = _centered_moments(x[rows], w.to(x.dtype))  # (D,), (D, D) float64
-            total = n[k] + n_b
+            grown = n[k] + n_b
             delta = mean_b - mean[k]  # (D,)
-            scatter[k].add_(scatter_b).addr_(delta * (n[k] * n_b / total), delta)
-            mean[k].add_(delta * (n_b / total))
-            n[k] = total
+            scatter[k].addr_(resid * -total, resid).addr_(delta * (n[k] * n_b / grown), delta)
+            mean[k].add_(delta * (n_b / grown))
+            n[k] = grown
 
     def merge(self, other: StreamingMoments) -> StreamingMoments:
         """Merge another accumulator (e.g. from another data shard) into this one; returns ``self``."""
