@@ -75,7 +75,9 @@ def test_budget_sweep_rises_with_eps_and_is_tabled(reduced_run):
 
 def test_resume_keeps_finished_checkpoints_and_refuses_other_settings(reduced_run):
     results, out, cfg = reduced_run
+    (out / "results.md").write_text("stale")
     again = run_adversarial(data_root(), out, cfg, resume=True)
+    assert (out / "results.md").read_text().startswith("# Adversarial detection")  # nothing ran: re-rendered
     assert again["models"]["resnet20"]["seconds"] == results["models"]["resnet20"]["seconds"]  # not rerun
     with pytest.raises(ValueError, match="other settings \\(n_images\\)"):
         run_adversarial(data_root(), out, replace(cfg, n_images=61), resume=True)

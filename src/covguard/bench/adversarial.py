@@ -269,6 +269,7 @@ def run_adversarial(
                      **(data.describe() if data is not None else {}), **models.describe(), "models": {}}
     if resume:
         results["models"] = _resumable_models(out / "results.json", config)
+    kept = set(results["models"])
     for name in config.models:
         if name in results["models"]:
             logger.info("%s: kept from %s (resume)", name, out / "results.json")
@@ -277,11 +278,16 @@ def run_adversarial(
         results["models"][name] = run["result"]
         if name == config.models[0]:
             _plots(run["raw"], out, name)
-        # Written after every checkpoint, so a long run leaves a usable report at any point.
-        write_json(results, out / "results.json")
-        (out / "results.md").write_text(render_markdown(results))
-        add_html_report(out)
+        _write_report(results, out)  # after every checkpoint: a long run leaves a usable report at any point
+    if all(name in kept for name in config.models):  # nothing ran: the kept checkpoints' report, re-rendered
+        _write_report(results, out)
     return results
+
+
+def _write_report(results: dict, out: Path) -> None:
+    write_json(results, out / "results.json")
+    (out / "results.md").write_text(render_markdown(results))
+    add_html_report(out)
 
 
 def _resumable_models(path: Path, config: AdversarialConfig) -> dict:
