@@ -395,8 +395,10 @@ class StreamingMoments:
                 f"other must have dim={self.dim}, n_groups={self.n_groups}; got dim={other.dim}, n_groups={other.n_groups}"
             )
         theirs, mine = other.moments, self.moments
-        if theirs is not None:
-            self._moments = theirs if mine is None else merge_moments(mine, theirs)
+        if theirs is not None and mine is None:
+            self._moments = theirs  # shared with ``other``: copied before any in-place update
+        elif theirs is not None:
+            self._moments = self._owned = merge_moments(mine, theirs)  # new tensors, ours to update
         return self
 
     def all_reduce(self, *, group: object | None = None, device: torch.device | str | None = None) -> StreamingMoments:
@@ -406,6 +408,8 @@ class StreamingMoments:
         zero weight. ``device`` places the zero moments of such a process (default CPU).
         Returns ``self``.
         """
-        local = self.moments if self.moments is not None else zero_moments(self.dim, self.n_groups, device=device)
+        local = self.moments
+        if local is None:
+            local = zero_moments(self.dim, self.n_groups, device=device)
         self._moments = self._owned = all_reduce_moments(local, group=group)
         return self
